@@ -1,0 +1,165 @@
+"""Text sources for calibration and evaluation, and their tokenisation into fixed-length blocks.
+
+Built-in and offline: `pydoc` (CPython's own documentation, `pydoc_data.topics`, ~100k tokens),
+split by topic into disjoint calibration and evaluation parts so evaluation never sees calibration
+text. Local `.txt`/`.jsonl` files and Hugging Face datasets (for users with a network) too.
+Long documents are chunked into blocks; nothing is silently dropped (AutoAWQ drops long samples).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+Part = Literal["calibration", "evaluation"]
+
+# Every 4th pydoc topic (sorted by name) is held out for evaluation: ~25% of the text.
+_EVAL_EVERY = 4
+
+
+class CalibrationError(ValueError):
+    """A text source that cannot give the calibration or evaluation data asked for."""
+
+
+class TextSource(Protocol):
+    name: str
+
+    def documents(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class PydocSource:
+    """CPython's bundled documentation topics; `part` picks the disjoint half."""
+
+    part: Part = "calibration"
+
+    @property
+    def name(self) -> str:
+        return f"pydoc:{self.part}"
+
+    def documents(self) -> list[str]:
+        from pydoc_data.topics import topics
+
+        names = sorted(topics)
+        held_out = {n for i, n in enumerate(names) if i % _EVAL_EVERY == 0}
+        chosen = [n for n in names if (n in held_out) == (self.part == "evaluation")]
+        return [topics[n] for n in chosen]
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A local `.txt` (documents separated by blank lines) or `.jsonl` (a `text` field) file."""
+
+    path: Path
+    text_field: str = "text"
+
+    @property
+    def name(self) -> str:
+        return f"file:{self.path}"
+
+    def documents(self) -> list[str]:
+        if not self.path.is_file():
+            raise CalibrationError(f"calibration file {self.path} does not exist")
+        raw = self.path.read_text(encoding="utf-8")
+        if self.path.suffix == ".jsonl":
+            docs = []
+            for lineno, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    docs.append(str(json.loads(line)[self.text_field]))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CalibrationError(
+                        f"{self.path}:{lineno}: expected a JSON object with a "
+                        f"'{self.text_field}' field ({e})"
+                    ) from e
+            return docs
+        return [d.strip() for d in raw.split("\n\n") if d.strip()]
+
+
+@dataclass(frozen=True)
+class HuggingFaceSource:
+    """A Hugging Face dataset (e.g. `mit-han-lab/pile-val-backup`, AWQ's default); needs a network."""
+
+    dataset: str
+    split: str = "validation"
+    text_field: str = "text"
+    max_documents: int = 2000
+
+    @property
+    def name(self) -> str:
+        return f"hf:{self.dataset}:{self.split}"
+
+    def documents(self) -> list[str]:
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset(self.dataset, split=self.split, streaming=True)
+            return [str(row[self.text_field]) for _, row in zip(range(self.max_documents), ds)]
+        except Exception as e:  # datasets raises many types when offline or missing
+            raise CalibrationError(
+                f"could not load Hugging Face dataset '{self.dataset}' ({type(e).__name__}: {e}). "
+                "Without a network use '--calib pydoc' or a local .txt/.jsonl file."
+            ) from e
+
+
+def source_from_spec(spec: str, part: Part = "calibration") -> TextSource:
+    """Parse a CLI/recipe spec: `pydoc`, a path to .txt/.jsonl, or `hf:<dataset>[:split]`."""
+    if spec == "pydoc":
+        return PydocSource(part)
+    if spec == "pileval":
+        return HuggingFaceSource("mit-han-lab/pile-val-backup", "validation")
+    if spec.startswith("hf:"):
+        dataset, _, split = spec[3:].partition(":")
+        return HuggingFaceSource(dataset, split or "train")
+    path = Path(spec)
+    if path.suffix in {".txt", ".jsonl"}:
+        return FileSource(path)
+    raise CalibrationError(
+        f"unknown text source '{spec}': use 'pydoc', a .txt/.jsonl path, or 'hf:<dataset>[:split]'"
+    )
+
+
+def token_stream(documents: Iterable[str], encode, separator_id: int | None) -> list[int]:
+    """Concatenate documents into one token stream, a separator after each."""
+    stream: list[int] = []
+    for doc in documents:
+        stream.extend(encode(doc))
+        if separator_id is not None:
+            stream.append(separator_id)
+    return stream
+
+
+def chunk_blocks(stream: list[int], block_len: int, n_blocks: int, source: str) -> torch.Tensor:
+    """Cut a stream into `n_blocks` blocks of `block_len` tokens, spread evenly over the stream.
+
+    Spreading (instead of taking the first blocks) samples every part of the source.
+    Returns (n_blocks, block_len) int64.
+    """
+    available = len(stream) // block_len
+    if available < n_blocks:
+        raise CalibrationError(
+            f"text source '{source}' gives {len(stream)} tokens = {available} blocks of "
+            f"{block_len}; {n_blocks} blocks are needed. Use a larger source or fewer samples."
+        )
+    idx = torch.linspace(0, available - 1, n_blocks).round().long().tolist()
+    blocks = [stream[i * block_len : (i + 1) * block_len] for i in idx]
+    return torch.tensor(blocks, dtype=torch.long)
+
+
+def build_blocks(source: TextSource, tokenizer, n_blocks: int, block_len: int) -> torch.Tensor:
+    """Tokenise a source into (n_blocks, block_len) blocks for calibration or evaluation."""
+    docs = source.documents()
+    if not docs:
+        raise CalibrationError(f"text source '{source.name}' is empty")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    stream = token_stream(docs, encode, tokenizer.eos_token_id)
+    return chunk_blocks(stream, block_len, n_blocks, source.name)
