@@ -93,7 +93,7 @@ def quantize_awq(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_quantized(str(out_dir))
     tokenizer.save_pretrained(out_dir)
-    # AutoAWQ turns sampling on in the saved generation config; serving decides sampling per request.
+    # AutoAWQ turns sampling on in the saved generation config; serving samples per request.
     generation = out_dir / "generation_config.json"
     if generation.is_file():
         cfg = json.loads(generation.read_text())

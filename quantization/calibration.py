@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -84,7 +85,7 @@ class FileSource:
 
 @dataclass(frozen=True)
 class HuggingFaceSource:
-    """A Hugging Face dataset (e.g. `mit-han-lab/pile-val-backup`, AWQ's default); needs a network."""
+    """A Hugging Face dataset (`mit-han-lab/pile-val-backup` is AWQ's default); needs a network."""
 
     dataset: str
     split: str = "validation"
@@ -100,7 +101,7 @@ class HuggingFaceSource:
             from datasets import load_dataset
 
             ds = load_dataset(self.dataset, split=self.split, streaming=True)
-            return [str(row[self.text_field]) for _, row in zip(range(self.max_documents), ds)]
+            return [str(row[self.text_field]) for row in islice(ds, self.max_documents)]
         except Exception as e:  # datasets raises many types when offline or missing
             raise CalibrationError(
                 f"could not load Hugging Face dataset '{self.dataset}' ({type(e).__name__}: {e}). "

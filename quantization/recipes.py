@@ -20,7 +20,7 @@ class CalibrationSpec(BaseModel):
 
 class EvaluationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: str = Field("pydoc", description="Held-out text; pydoc uses the topics never calibrated.")
+    source: str = Field("pydoc", description="Held-out text; pydoc uses topics never calibrated.")
     n_blocks: int = Field(24, ge=1, description="Evaluation blocks.")
     block_len: int = Field(256, ge=16, description="Tokens per evaluation block.")
 
