@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import quantization.autoawq_patches  # noqa: F401  (fixes AutoAWQ before any use)
+from quantization.autoawq_patches import scale_search_sequences
 from quantization.quant_math import check_group_size
 from quantization.recipes import QuantRecipe
 
@@ -80,18 +80,24 @@ def quantize_awq(
         str(fp_dir), torch_dtype=dtype, device_map=None, safetensors=True
     )
     check_group_size(recipe.q_group_size, linear_in_features(model.model), fp_dir.name)
-    model.quantize(
-        tokenizer,
-        quant_config=recipe.autoawq_config(),
-        calib_data=calib_blocks.tolist(),
-        max_calib_samples=calib_blocks.shape[0],
-        max_calib_seq_len=calib_blocks.shape[1],
-        apply_clip=recipe.apply_clip,
-        duo_scaling=recipe.duo_scaling,
-    )
+    with scale_search_sequences(recipe.calibration.scale_search_sequences):
+        model.quantize(
+            tokenizer,
+            quant_config=recipe.autoawq_config(),
+            calib_data=calib_blocks.tolist(),
+            max_calib_samples=calib_blocks.shape[0],
+            max_calib_seq_len=calib_blocks.shape[1],
+            apply_clip=recipe.apply_clip,
+            duo_scaling=recipe.duo_scaling,
+            # No packing kernels below 4 bits: keep the AWQ-scaled and clipped FP weights.
+            export_compatible=not recipe.servable,
+        )
     model.model.to(torch.float16)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_quantized(str(out_dir))
+    if recipe.servable:
+        model.save_quantized(str(out_dir))
+    else:
+        model.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     # AutoAWQ turns sampling on in the saved generation config; serving samples per request.
     generation = out_dir / "generation_config.json"

