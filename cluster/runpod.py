@@ -250,8 +250,8 @@ class RunPodNodeProvider(NodeProvider):
 
     def is_running(self, node_id: str) -> bool:
         """Whether the pod's container is up (RunPod reports its runtime)."""
-        pod = self._pod(node_id)
-        return bool(pod and pod.get("desiredStatus") == "RUNNING" and pod.get("runtime"))
+        pod = self._started_pod(node_id)
+        return bool(pod and pod.get("desiredStatus") == "RUNNING")
 
     def is_terminated(self, node_id: str) -> bool:
         """Whether the pod is gone or terminated."""
@@ -272,7 +272,7 @@ class RunPodNodeProvider(NodeProvider):
 
     def external_ip(self, node_id: str) -> str | None:
         """Public IP of the pod's SSH port mapping; None until the pod runs."""
-        pod = self._pod(node_id)
+        pod = self._started_pod(node_id)
         entry = _public_ssh_entry(pod) if pod else None
         return entry["ip"] if entry else None
 
@@ -281,7 +281,7 @@ class RunPodNodeProvider(NodeProvider):
         with self._lock:
             if node_id in self._internal_ips:
                 return self._internal_ips[node_id]
-        pod = self._pod(node_id)
+        pod = self._started_pod(node_id)
         if pod is None:
             return None
         suffix = self.settings.internal_dns_suffix
@@ -295,7 +295,7 @@ class RunPodNodeProvider(NodeProvider):
 
     def public_ssh_port(self, node_id: str) -> int | None:
         """Public port that RunPod maps to the pod's port 22; None until the pod runs."""
-        pod = self._pod(node_id)
+        pod = self._started_pod(node_id)
         entry = _public_ssh_entry(pod) if pod else None
         return entry.get("publicPort") if entry else None
 
@@ -392,6 +392,14 @@ class RunPodNodeProvider(NodeProvider):
         with self._lock:
             pod = self._pods.get(node_id)
         return pod if pod is not None else self._refresh().get(node_id)
+
+    def _started_pod(self, node_id: str) -> dict[str, Any] | None:
+        """The pod with its runtime; refetched while the cached copy has none, as Ray polls
+        addresses of starting nodes without refreshing the node list."""
+        pod = self._pod(node_id)
+        if pod is not None and not pod.get("runtime"):
+            pod = self._refresh().get(node_id)
+        return pod if pod is not None and pod.get("runtime") else None
 
     def _refresh(self) -> dict[str, dict[str, Any]]:
         mine = self._cluster_pods(self._graphql("myPods", QUERY_POD))

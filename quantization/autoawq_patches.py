@@ -106,6 +106,13 @@ def _compute_best_clip(
     return best.to(w.dtype)
 
 
+# AutoAWQ's own methods, kept for parity tests against the replacements.
+ORIGINALS = {
+    "_compute_best_scale": AwqQuantizer._compute_best_scale,
+    "_compute_best_clip": AwqQuantizer._compute_best_clip,
+}
+
+
 def apply_patches() -> None:
     """Install the replacements once (idempotent)."""
     if getattr(AwqQuantizer, _PATCHED_MARK, False):

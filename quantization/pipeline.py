@@ -45,11 +45,20 @@ class JobResult:
 
 def _resources() -> dict[str, float]:
     gpus = ray.cluster_resources().get("GPU", 0)
-    return {"num_gpus": 1} if gpus >= 1 else {"num_cpus": max(1, ray.cluster_resources()["CPU"])}
+    return {"num_gpus": 1} if gpus >= 1 else {"num_cpus": max(1, int(ray.cluster_resources()["CPU"]))}
+
+
+def _use_assigned_cpus() -> None:
+    """Ray caps a task's OpenMP threads; give torch every CPU this task was granted."""
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
 
 
 @ray.remote
 def _prepare(source: str, cache: str) -> tuple[str, dict]:
+    _use_assigned_cpus()
     key = steps.fingerprint(step="prepare", source=source)
     folder, result = steps.cached_step(
         Path(cache), "prepare", key, lambda out: steps.prepare_source(source, out)
@@ -59,6 +68,7 @@ def _prepare(source: str, cache: str) -> tuple[str, dict]:
 
 @ray.remote
 def _awq(fp_dir: str, recipe: dict, cache: str) -> tuple[str, dict]:
+    _use_assigned_cpus()
     r = QuantRecipe.model_validate(recipe)
     key = steps.fingerprint(step="awq", fp=Path(fp_dir), recipe=recipe)
     folder, result = steps.cached_step(
@@ -69,6 +79,7 @@ def _awq(fp_dir: str, recipe: dict, cache: str) -> tuple[str, dict]:
 
 @ray.remote
 def _evaluate(fp_dir: str, awq_dir: str, recipe: dict, cache: str) -> dict:
+    _use_assigned_cpus()
     r = QuantRecipe.model_validate(recipe)
     key = steps.fingerprint(step="eval", fp=Path(fp_dir), awq=Path(awq_dir), recipe=recipe)
 

@@ -68,6 +68,7 @@ def fake(fake_server: FakeRunPodAPI, monkeypatch: pytest.MonkeyPatch) -> FakeRun
     fake_server.reset()
     monkeypatch.setenv("RUNPOD_API_BASE_URL", fake_server.url)
     monkeypatch.setenv("RUNPOD_API_KEY", fake_server.api_key)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a developer's HTTP(S)_PROXY must not see it
     # <pod id>.runpod.internal only resolves inside RunPod; answer it as RunPod's DNS would.
     monkeypatch.setattr(
         provider_module, "resolve_ipv4", lambda host: fake_server.internal_dns().get(host)
@@ -349,8 +350,8 @@ def test_calls_are_retried_after_http_429(
 def test_create_is_retried_after_http_5xx_without_duplicating_the_pod(
     provider: RunPodNodeProvider, fake: FakeRunPodAPI
 ) -> None:
-    fake.fail_next(1, status=500)
-    fake.fail_next(1, status=503)
+    fake.fail_next(1, status=500, operation="podFindAndDeployOnDemand")
+    fake.fail_next(1, status=503, operation="podFindAndDeployOnDemand")
 
     [node_id] = launch(provider)
 

@@ -205,8 +205,10 @@ class FakePod:
 
 @dataclass
 class _Fault:
-    kind: str  # "status": answer with an HTTP error; "drop": close without answering;
-    # "lost": do the work, then answer 502 as a proxy whose upstream timed out would
+    """One injected failure. kind "status": answer with an HTTP error status; "drop": close the
+    connection unanswered; "lost": do the work, then answer 502 like a timed-out proxy."""
+
+    kind: str
     status: int = 0
     retry_after: float | None = None
     operation: str | None = None

@@ -1,0 +1,63 @@
+"""Shared fixtures: the demo model from the registry that `make setup` builds, tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REGISTRY = REPO / "models"
+DEMO = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def registry_root() -> Path:
+    from quantization.registry import Registry
+
+    if not Registry(REGISTRY).versions(DEMO):
+        pytest.fail(f"demo model missing from {REGISTRY}: run `make setup` (awq-serve demo) first")
+    return REGISTRY
+
+
+@pytest.fixture(scope="session")
+def demo_awq_dir(registry_root: Path) -> Path:
+    from quantization.registry import Registry
+
+    reg = Registry(registry_root)
+    return reg.path(*reg.resolve(DEMO))
+
+
+@pytest.fixture(scope="session")
+def demo_fp16_dir(registry_root: Path) -> Path:
+    from quantization.registry import Registry
+
+    reg = Registry(registry_root)
+    return reg.path(*reg.resolve(DEMO + "-fp16"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, demo_fp16_dir: Path) -> Path:
+    """A 2-layer random-weight Llama with the demo tokenizer: fast to quantize and evaluate."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(demo_fp16_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).to(torch.float16)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
