@@ -36,7 +36,7 @@ def model_deployment(config: ModelConfig) -> Application:
 
 def build_app(args: dict[str, Any]) -> Application:
     """Validate `args` (serve_config.yaml) and bind the Router to one ModelServer per model."""
-    app_args = AppArgs.model_validate(apply_env_overrides(args))
+    app_args = AppArgs.model_validate(apply_env_overrides(args)).with_absolute_paths()
     handles = {m.name: model_deployment(m) for m in app_args.models}
     router = serve.deployment(Router).options(
         name="Router",

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.audit import AuditConfig
 from deployments.auth import AuthConfig
@@ -73,6 +73,12 @@ class ModelConfig(_Strict):
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (1 on GPU nodes).")
     gpu_dollars_per_hour: float = Field(0.0, ge=0, description="For cost per token metrics.")
 
+    @field_validator("registry")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        # Resolved where the config is read (the `serve run` cwd), not in a replica's cwd.
+        return v.expanduser().resolve()
+
 
 class AliasConfig(_Strict):
     """A served name that splits traffic over variants (canary / gradual rollout)."""
@@ -105,6 +111,13 @@ class AppArgs(_Strict):
                 raise ValueError(f"alias '{alias.name}' names unknown models: {sorted(missing)}")
             if alias.name in names:
                 raise ValueError(f"alias '{alias.name}' clashes with a model name")
+        return self
+
+    def with_absolute_paths(self) -> AppArgs:
+        """Pin relative file paths to the deploying process's cwd before replicas see them."""
+        self.audit.path = self.audit.path.expanduser().resolve()
+        if self.auth.keys_file is not None:
+            self.auth.keys_file = self.auth.keys_file.expanduser().resolve()
         return self
 
     @property

@@ -73,12 +73,13 @@ class StopChecker:
     def feed(self, text: str) -> tuple[str, bool]:
         """Given the full decoded text so far, return (new text safe to emit, stopped)."""
         self.text = text
-        for s in self.stop:
-            at = text.find(s)
-            if at != -1:
-                delta = text[self.emitted : at]
-                self.emitted = at
-                return delta, True
+        # The earliest match wins: a later stop string must not let an earlier one through.
+        hits = [at for s in self.stop if (at := text.find(s)) != -1]
+        if hits:
+            at = min(hits)
+            delta = text[self.emitted : at]
+            self.emitted = at
+            return delta, True
         hold = max((len(s) - 1 for s in self.stop), default=0)
         # Text that could still be the start of a stop string stays unsent.
         safe_end = len(text)

@@ -45,7 +45,9 @@ class JobResult:
 
 def _resources() -> dict[str, float]:
     gpus = ray.cluster_resources().get("GPU", 0)
-    return {"num_gpus": 1} if gpus >= 1 else {"num_cpus": max(1, int(ray.cluster_resources()["CPU"]))}
+    return (
+        {"num_gpus": 1} if gpus >= 1 else {"num_cpus": max(1, int(ray.cluster_resources()["CPU"]))}
+    )
 
 
 def _use_assigned_cpus() -> None:

@@ -146,7 +146,10 @@ class Registry:
         if not version or version == "latest":
             return name, versions[-1]
         if version not in versions:
-            raise RegistryError(f"{name} has no version '{version}'; versions: {versions}")
+            raise RegistryError(
+                f"{name} has no version '{version}'; versions: {versions}. Use one of those, "
+                "or build it with `awq-serve demo` or `awq-serve quantize`."
+            )
         return name, version
 
     def verify(self, name: str, version: str) -> Manifest:
@@ -180,7 +183,10 @@ def datetime_of(registry: Registry, name: str, version: str) -> str:
 
 def manifest_table(manifests: list[Manifest]) -> str:
     """Markdown table of registry entries for `awq-serve list`."""
-    rows = ["| name | version | kind | recipe | ppl | top-1 | size MB | created |", "|" + "---|" * 8]
+    rows = [
+        "| name | version | kind | recipe | ppl | top-1 | size MB | created |",
+        "|" + "---|" * 8,
+    ]
     for m in manifests:
         ev = m.evaluation.get("candidate", {})
         size = sum_size(m)

@@ -58,9 +58,13 @@ def chart(qualities: dict[str, dict], path: Path, title: str) -> Path:
 
     labels = [label for _, label in ROWS]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    axes[0].bar(labels, [qualities[k]["perplexity"] for k, _ in ROWS], color=["#888", "#c55", "#37a"])
+    axes[0].bar(
+        labels, [qualities[k]["perplexity"] for k, _ in ROWS], color=["#888", "#c55", "#37a"]
+    )
     axes[0].set_title("held-out perplexity (lower is better)")
-    axes[1].bar(labels, [qualities[k]["top1_agreement"] for k, _ in ROWS], color=["#888", "#c55", "#37a"])
+    axes[1].bar(
+        labels, [qualities[k]["top1_agreement"] for k, _ in ROWS], color=["#888", "#c55", "#37a"]
+    )
     axes[1].set_title("top-1 agreement with FP16")
     axes[1].set_ylim(0, 1)
     fig.suptitle(title)

@@ -41,7 +41,9 @@ def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_step(cache_root: Path, step: str, key: str, run: Callable[[Path], dict]) -> tuple[Path, dict]:
+def cached_step(
+    cache_root: Path, step: str, key: str, run: Callable[[Path], dict]
+) -> tuple[Path, dict]:
     """Run `run(tmp_dir)` unless `<cache>/<step>-<key>` is complete; returns (folder, result)."""
     final = cache_root / f"{step}-{key}"
     marker = final / DONE
@@ -110,7 +112,9 @@ def gate(recipe: QuantRecipe, qualities: dict[str, dict]) -> GateResult:
     reasons = []
     rise_pct = (awq["perplexity"] / fp["perplexity"] - 1) * 100
     if rise_pct > g.max_ppl_increase_pct:
-        reasons.append(f"AWQ perplexity rose {rise_pct:.1f}% over FP16 (max {g.max_ppl_increase_pct}%)")
+        reasons.append(
+            f"AWQ perplexity rose {rise_pct:.1f}% over FP16 (max {g.max_ppl_increase_pct}%)"
+        )
     rtn_rise = rtn["perplexity"] - fp["perplexity"]
     awq_rise = awq["perplexity"] - fp["perplexity"]
     if rtn_rise > 0 and awq_rise > g.max_increase_vs_rtn * rtn_rise:

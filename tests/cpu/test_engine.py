@@ -1,0 +1,116 @@
+"""The engine on the real demo AWQ model, without Ray: batching must not change results."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from deployments.engine import Engine, EngineConfig, GenerationRequest, RequestStream
+from deployments.errors import ContextLengthError
+from deployments.prompts import chat_prompt_ids
+from deployments.sampling import SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colors of the rainbow.",
+    "Write one sentence about the sea.",
+    "What is 2 plus 2?",
+    "Give me a synonym for happy.",
+    "Who wrote Romeo and Juliet?",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(demo_awq_dir: Path):
+    eng = Engine(EngineConfig(model_dir=demo_awq_dir, max_running=8, max_model_len=512))
+    eng.start()
+    yield eng
+    eng.shutdown(drain_timeout_s=5)
+
+
+def ids(engine: Engine, question: str) -> list[int]:
+    return chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": question}])
+
+
+async def generate(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams):
+    stream = RequestStream(request_id)
+    engine.submit(GenerationRequest(request_id, prompt, params), stream)
+    text, final = [], None
+    async for event in stream:
+        text.append(event.text)
+        final = event
+    return "".join(text), final
+
+
+def test_greedy_output_in_a_busy_batch_equals_output_alone(engine: Engine) -> None:
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+
+    async def alone() -> list[str]:
+        return [(await generate(engine, f"a{i}", ids(engine, q), greedy))[0]
+                for i, q in enumerate(QUESTIONS)]  # fmt: skip
+
+    async def together() -> list[str]:
+        # Staggered arrivals: later requests join a batch that is already decoding.
+        async def one(i: int, q: str) -> str:
+            await asyncio.sleep(0.05 * i)
+            return (await generate(engine, f"b{i}", ids(engine, q), greedy))[0]
+
+        return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(QUESTIONS))))
+
+    expected = asyncio.run(alone())
+    assert asyncio.run(together()) == expected
+    assert "Paris" in expected[0]
+
+
+def test_usage_counts_prompt_and_completion_tokens(engine: Engine) -> None:
+    prompt = ids(engine, QUESTIONS[2])
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    text, final = asyncio.run(generate(engine, "u", prompt, params))
+    assert final.prompt_tokens == len(prompt)
+    assert final.completion_tokens == 5
+    assert final.finish_reason == "length"
+    assert text
+
+
+def test_stop_sequence_ends_generation_before_the_stop_text(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.0, stop=("Paris",))
+    text, final = asyncio.run(generate(engine, "s", ids(engine, QUESTIONS[0]), params))
+    assert final.finish_reason == "stop"
+    assert "Paris" not in text
+    assert text.startswith("The capital of France is")
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    first = asyncio.run(generate(engine, "r1", ids(engine, QUESTIONS[2]), params))[0]
+    second = asyncio.run(generate(engine, "r2", ids(engine, QUESTIONS[2]), params))[0]
+    assert first == second
+
+
+def test_prompt_plus_max_tokens_over_context_is_rejected_with_the_numbers(engine: Engine) -> None:
+    request = GenerationRequest("long", [1] * 500, SamplingParams(max_tokens=100))
+    with pytest.raises(ContextLengthError, match=r"maximum context length is 512 tokens.*600"):
+        engine.check(request)
+
+
+def test_cancelled_request_frees_its_slot_within_a_step(engine: Engine) -> None:
+    async def scenario() -> tuple[str | None, int]:
+        stream = RequestStream("c")
+        params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        engine.submit(GenerationRequest("c", ids(engine, QUESTIONS[2]), params), stream)
+        async for event in stream:
+            if event.text:
+                break
+        engine.cancel("c")
+        last = None
+        async for event in stream:
+            last = event
+        await asyncio.sleep(0.05)
+        return last.finish_reason, last.completion_tokens
+
+    reason, produced = asyncio.run(scenario())
+    assert reason == "cancelled"
+    assert produced < 400
+    assert engine.stats.running == 0

@@ -1,0 +1,50 @@
+"""Start the real serving app for tests: Ray, Serve on a free loopback port, the demo model."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(registry_root: Path, **overrides: Any) -> dict[str, Any]:
+    """serve_config.yaml's args, pointed at the test registry, with overrides."""
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args["models"][0]["registry"] = str(registry_root)
+    args["rate_limit"] = {"requests_per_minute_per_ip": 100_000}
+    args.update(overrides)
+    return args
+
+
+@contextmanager
+def serve_app(registry_root: Path, audit_path: Path, **overrides: Any) -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args = app_args(registry_root, **overrides)
+    args["audit"] = {"enabled": True, "path": str(audit_path)}
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="awq-serve", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
