@@ -290,9 +290,9 @@ class Engine:
             seq.first_token = now
         p = seq.request.params
         is_eos = token in self.eos_ids and not p.ignore_eos
-        if not is_eos:
-            seq.generated.append(token)
-            self.stats.generated_tokens += 1
+        # EOS counts as a generated token (as in vLLM's usage); it decodes to no text.
+        seq.generated.append(token)
+        self.stats.generated_tokens += 1
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         delta, stopped = seq.stop.feed(text)
         length = len(seq.generated) >= p.max_tokens

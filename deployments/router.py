@@ -4,8 +4,6 @@ Holds no model and imports neither torch nor transformers: it validates, authent
 rate-limits, picks a variant, and relays the replica's event stream as JSON or SSE.
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import logging
@@ -51,11 +49,15 @@ fastapi_app = FastAPI(title="awq-serve", description="OpenAI-compatible AWQ mode
 
 @fastapi_app.middleware("http")
 async def request_id_middleware(request: Request, call_next):
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    # Serve's proxy already echoes the client's X-Request-Id (or makes one) on every response;
+    # reuse its id so logs, audit lines and the header agree.
+    from ray.serve.context import _get_serve_request_context
+
+    request_id = _get_serve_request_context().request_id or request.headers.get(
+        REQUEST_ID_HEADER, uuid.uuid4().hex
+    )
     request.state.request_id = request_id[:128]
-    response = await call_next(request)
-    response.headers[REQUEST_ID_HEADER] = request.state.request_id
-    return response
+    return await call_next(request)
 
 
 @fastapi_app.exception_handler(ApiError)
