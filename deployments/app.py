@@ -11,6 +11,8 @@ from deployments.config import AppArgs, ModelConfig, apply_env_overrides
 from deployments.model_server import ModelServer
 from deployments.router import Router
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
 
 def deployment_name(model: str) -> str:
     return "ModelServer-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in model)
@@ -26,11 +28,15 @@ def model_deployment(config: ModelConfig) -> Application:
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 30,
+        # Batching sizes change live (`serve deploy` with a new user_config), no replica restart.
+        "user_config": {"batching": config.batching.model_dump()},
     }
     if config.autoscaling is not None:
         options["autoscaling_config"] = config.autoscaling.model_dump()
     else:
         options["num_replicas"] = config.num_replicas
+    if config.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = config.max_replicas_per_node
     return serve.deployment(ModelServer).options(**options).bind(config)
 
 
@@ -42,6 +48,8 @@ def build_app(args: dict[str, Any]) -> Application:
         name="Router",
         num_replicas=app_args.router_replicas,
         max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0},
+        # Pinned to the head node (Ray's built-in head resource): the ingress then lives as
+        # long as the cluster, and losing a worker node loses only that node's replicas.
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
     )
     return router.bind(app_args.model_dump(mode="json"), handles)

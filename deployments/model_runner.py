@@ -96,6 +96,18 @@ class SlotKVCache:
         per_token = sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
         return per_token * sum(self.lengths)
 
+    def write(
+        self, cache: torch.Tensor, first_slot: int, pos: torch.Tensor, new: torch.Tensor
+    ) -> None:
+        """Store `new` (batch, kv_heads, seq, head_dim) at positions `pos` (batch, seq) of slots
+        first_slot.. . A flat `index_copy_` is several times faster on CPU than advanced-index
+        assignment with per-row positions."""
+        b, kv, s, hd = new.shape
+        slot = torch.arange(first_slot, first_slot + b, device=new.device).view(b, 1, 1)
+        head = torch.arange(kv, device=new.device).view(1, kv, 1)
+        flat = ((slot * kv + head) * self.max_len + pos.view(b, 1, s)).reshape(-1)
+        cache.view(-1, hd).index_copy_(0, flat, new.reshape(-1, hd))
+
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (used to keep the running set contiguous)."""
         n = self.lengths[src]
@@ -160,9 +172,8 @@ class ModelRunner:
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (b, heads, s, head_dim)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (b, kv_heads, s, head_dim)
         kc, vc = self.cache.k[i], self.cache.v[i]
-        rows = torch.arange(slots.start, slots.stop, device=h.device).unsqueeze(1)  # (b, 1)
-        kc[rows, :, pos] = k.transpose(1, 2)  # pos: (b, s)
-        vc[rows, :, pos] = v.transpose(1, 2)
+        self.cache.write(kc, slots.start, pos, k)
+        self.cache.write(vc, slots.start, pos, v)
         span = mask.shape[-1]
         out = F.scaled_dot_product_attention(
             q,

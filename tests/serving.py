@@ -20,27 +20,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_args(registry_root: Path, **overrides: Any) -> dict[str, Any]:
+def app_args(
+    registry_root: Path, model_overrides: dict[str, Any] | None = None, **overrides: Any
+) -> dict[str, Any]:
     """serve_config.yaml's args, pointed at the test registry, with overrides."""
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     args = config["applications"][0]["args"]
     args["models"][0]["registry"] = str(registry_root)
+    args["models"][0].update(model_overrides or {})
     args["rate_limit"] = {"requests_per_minute_per_ip": 100_000}
     args.update(overrides)
     return args
 
 
 @contextmanager
-def serve_app(registry_root: Path, audit_path: Path, **overrides: Any) -> Iterator[str]:
+def serve_app(
+    registry_root: Path,
+    audit_path: Path,
+    model_overrides: dict[str, Any] | None = None,
+    ray_options: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Iterator[str]:
+    """`ray_options` go to `ray.init` (e.g. `_metrics_export_port` for the metrics tests)."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    args = app_args(registry_root, **overrides)
+    args = app_args(registry_root, model_overrides, **overrides)
     args["audit"] = {"enabled": True, "path": str(audit_path)}
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, **(ray_options or {}))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="awq-serve", route_prefix="/")
