@@ -7,11 +7,13 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import AppArgs, ModelConfig, apply_env_overrides
+from deployments.config import AppArgs, ModelConfig, RouterUserConfig, apply_env_overrides
 from deployments.model_server import ModelServer
+from deployments.model_source import resolve_model_dir
 from deployments.router import Router
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"
+ROUTER_DEPLOYMENT = "Router"
 
 
 def deployment_name(model: str) -> str:
@@ -43,10 +45,16 @@ def model_deployment(config: ModelConfig) -> Application:
 def build_app(args: dict[str, Any]) -> Application:
     """Validate `args` (serve_config.yaml) and bind the Router to one ModelServer per model."""
     app_args = AppArgs.model_validate(apply_env_overrides(args)).with_absolute_paths()
+    for model in app_args.models:
+        # Fail the deploy here, with the fix, rather than in a replica retry loop.
+        resolve_model_dir(model.source, model.registry, verify=False)
     handles = {m.name: model_deployment(m) for m in app_args.models}
     router = serve.deployment(Router).options(
-        name="Router",
+        name=ROUTER_DEPLOYMENT,
         num_replicas=app_args.router_replicas,
+        # Live split weights (`awq-serve rollout`) arrive as user_config. The default has none,
+        # so a redeployed config without them puts every alias back to its configured split.
+        user_config=RouterUserConfig().model_dump(mode="json"),
         max_ongoing_requests=1000,
         # Pinned to the head node (Ray's built-in head resource): the ingress then lives as
         # long as the cluster, and losing a worker node loses only that node's replicas.

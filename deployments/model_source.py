@@ -22,5 +22,5 @@ def resolve_model_dir(source: str, registry_root: Path, verify: bool) -> tuple[P
         if verify:
             registry.verify(name, version)
     except RegistryError as e:
-        raise ModelUnavailable(str(e)) from e
+        raise ModelUnavailable(f"cannot serve '{source}': {e}") from e
     return registry.path(name, version), f"{name}:{version}"

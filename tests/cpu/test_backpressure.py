@@ -25,7 +25,7 @@ def base_url(registry_root: Path, tmp_path_factory: pytest.TempPathFactory):
     with serve_app(
         registry_root,
         audit_path=audit,
-        request_timeout_s=4,
+        request_timeout_s=10,
         model_overrides={"max_ongoing_requests": 2, "max_queued_requests": 1},
     ) as url:
         yield url
@@ -47,7 +47,7 @@ def test_overload_gets_503_with_retry_after_and_nothing_hangs(base_url: str) -> 
         async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
             return await asyncio.gather(
                 *(
-                    client.post("/v1/chat/completions", json={**LONG, "max_tokens": 48})
+                    client.post("/v1/chat/completions", json={**LONG, "max_tokens": 8})
                     for _ in range(8)
                 )
             )
