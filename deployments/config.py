@@ -2,7 +2,8 @@
 
 A bad config fails at deploy time with pydantic's message naming the field. The seeds'
 environment variables override the matching fields (and only those): MODEL_PATH, DEVICE,
-MAX_BATCH_SIZE, API_PORT (read by serve_config's http_options), LOG_LEVEL.
+MAX_BATCH_SIZE, LOG_LEVEL. API_PORT is not an app field: the port belongs to Serve's proxy, which
+is started before `build_app` runs (see the http_options comments in serve_config.yaml).
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ class ModelConfig(_Strict):
     max_queued_requests: int = Field(128, ge=-1, description="Queued at the handle; then 503.")
     num_cpus: float = Field(2, gt=0, description="CPUs per replica (and torch threads).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (1 on GPU nodes).")
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="Spread replicas: at most this many per Ray node (1 keeps a node's loss "
+        "from taking every replica). None lets Serve pack them.",
+    )
     gpu_dollars_per_hour: float = Field(0.0, ge=0, description="For cost per token metrics.")
 
     @field_validator("registry")
@@ -80,11 +87,45 @@ class ModelConfig(_Strict):
         return v.expanduser().resolve()
 
 
+class RolloutGuardrails(_Strict):
+    """Bounds on the canary during `awq-serve rollout`; crossing one rolls back at once."""
+
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="Canary 5xx responses / requests over one interval."
+    )
+    max_p95_latency_s: float = Field(
+        30.0, gt=0, description="Canary p95 end-to-end latency of successful requests."
+    )
+
+
 class AliasConfig(_Strict):
     """A served name that splits traffic over variants (canary / gradual rollout)."""
 
     name: str
     split: TrafficSplit
+    rollout: RolloutGuardrails = Field(default_factory=RolloutGuardrails)
+
+
+class RouterUserConfig(_Strict):
+    """The Router deployment's `user_config`: live split weights that override `aliases`."""
+
+    splits: dict[str, TrafficSplit] = Field(
+        default_factory=dict, description="Alias name to its current split."
+    )
+
+    def check(self, args: AppArgs) -> None:
+        """Raise ValueError unless every alias and variant named here is in `args`."""
+        aliases = {a.name for a in args.aliases}
+        models = {m.name for m in args.models}
+        for name, split in self.splits.items():
+            if name not in aliases:
+                raise ValueError(f"unknown alias '{name}'; aliases: {sorted(aliases)}")
+            unknown = set(split.variants) - models
+            if unknown:
+                raise ValueError(
+                    f"alias '{name}' names unknown variants {sorted(unknown)}; "
+                    f"served models: {sorted(models)}"
+                )
 
 
 class AppArgs(_Strict):

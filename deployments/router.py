@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,11 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import openai_format as fmt
 from deployments.audit import AuditLog, AuditRecord
-from deployments.auth import KeyStore
-from deployments.config import AppArgs
+from deployments.auth import ApiKeyRecord, KeyStore
+from deployments.config import AppArgs, RouterUserConfig
 from deployments.errors import ApiError, ModelNotFoundError, OverloadedError
+from deployments.health import health_report, replica_counts, replica_info
+from deployments.logging_setup import configure_logging
 from deployments.metrics import RouterMetrics
-from deployments.rate_limit import RateLimiter
+from deployments.rate_limit import RateDecision, RateLimiter
 from deployments.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -41,6 +43,8 @@ from deployments.traffic import TrafficSplit, choose_variant
 log = logging.getLogger("awq_serve.router")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# Which served model answered: for an alias, the variant its split chose for this client.
+VARIANT_HEADER = "X-AWQ-Variant"
 # A replica that dies before answering is retried on another; after output started it is not.
 ATTEMPTS = 3
 
@@ -100,6 +104,16 @@ def sampling_params(req: SamplingFields, default_max_tokens: int) -> dict[str, A
     }
 
 
+def estimate_prompt_tokens(text: str) -> int:
+    """Prompt tokens for the per-key token budget, before any tokenizer has seen the text.
+
+    The router holds no tokenizer, so it counts ~4 characters per token (about right for
+    English with BPE vocabularies). The reservation (estimate + max_tokens) is settled when the
+    replica reports the real counts: the unused part is refunded.
+    """
+    return len(text) // 4 + 1
+
+
 @dataclass
 class Call:
     """One request's context as it moves through the router."""
@@ -109,10 +123,14 @@ class Call:
     client_ip: str
     endpoint: str
     key_id: str | None = None
+    record: ApiKeyRecord | None = None
     model: str = "-"
     variant: str = "-"
-    status: int = 200
-    final: dict[str, Any] | None = None
+    # Rate-limit headers of this request's decisions; they go on its response.
+    headers: dict[str, str] = field(default_factory=dict)
+    reserved_tokens: int = 0
+    prompt: str | None = None  # only kept when the audit log records text
+    completion: str | None = None
 
 
 @serve.ingress(fastapi_app)
@@ -121,63 +139,125 @@ class Router:
         self.args = AppArgs.model_validate(args) if isinstance(args, dict) else args
         self.handles = handles
         self.models = {m.name: m for m in self.args.models}
-        self.splits: dict[str, TrafficSplit] = {a.name: a.split for a in self.args.aliases}
+        self.configured_splits = {a.name: a.split for a in self.args.aliases}
+        self.splits: dict[str, TrafficSplit] = dict(self.configured_splits)
         self.keys = KeyStore.from_config(self.args.auth)
         self.limiter = RateLimiter(self.args.rate_limit)
         self.audit = AuditLog(self.args.audit) if self.args.audit.enabled else None
-        self.metrics = RouterMetrics()
-        logging.getLogger("awq_serve").setLevel(self.args.log_level.upper())
+        self.metrics = RouterMetrics(
+            {m.name: m.gpu_dollars_per_hour for m in self.args.models}, aliases=self.splits
+        )
+        configure_logging(self.args.log_level)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live traffic-split changes (canary weights, rollout, rollback) without restarts."""
-        for name, variants in (user_config.get("splits") or {}).items():
-            if name not in self.splits:
-                raise ValueError(f"unknown alias '{name}'; aliases: {sorted(self.splits)}")
-            split = TrafficSplit(variants=variants)
-            unknown = set(split.variants) - set(self.handles)
-            if unknown:
-                raise ValueError(f"alias '{name}' names unknown variants {sorted(unknown)}")
-            self.splits[name] = split
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Live split weights (`awq-serve rollout` / `rollback`, `serve deploy`), no restart.
+
+        The configured aliases are the base and the user_config's splits replace theirs, so an
+        alias dropped from the user_config returns to its configured split.
+        """
+        live = RouterUserConfig.model_validate(user_config or {})
+        live.check(self.args)
+        self.splits = {**self.configured_splits, **live.splits}
 
     # ---- request gate ----------------------------------------------------------------------
     async def _begin(self, request: Request, schema: type[BaseModel], endpoint: str):
+        """Admit a request; a refused one (401/403/413/429/400) is audited, then raised."""
         call = Call(
             request_id=request.state.request_id,
             started=time.perf_counter(),
             client_ip=request.client.host if request.client else "-",
             endpoint=endpoint,
         )
-        record = None
+        try:
+            req = await self._admit(request, call, schema)
+        except ApiError as e:
+            self._finish(call, e.status, None)
+            raise
+        return call, req
+
+    async def _admit(self, request: Request, call: Call, schema: type[BaseModel]) -> Any:
         if self.keys.requires_auth(request.url.path):
-            record = self.keys.authenticate(request.headers.get("authorization"))
-            call.key_id = record.key_id
-        decision = self.limiter.check_request(
-            call.client_ip, call.key_id, record.requests_per_minute if record else None
-        )
-        decision.raise_if_denied()
-        raw = await request.body()
-        if len(raw) > self.args.max_body_bytes:
-            raise ApiError(
-                413,
-                f"Request body over {self.args.max_body_bytes} bytes.",
-                code="request_too_large",
-            )
+            call.record = self.keys.authenticate(request.headers.get("authorization"))
+            call.key_id = call.record.key_id
+        key_rpm = call.record.requests_per_minute if call.record else None
+        self._charge(call, self.limiter.check_request(call.client_ip, call.key_id, key_rpm))
+        raw = await self._body(request)
         req = parse_json(raw, schema)
         call.model = getattr(req, "model", None) or self.args.default_model
-        if record is not None:
-            self.keys.authorize(record, call.model)
-        return call, req
+        if call.record is not None:
+            self.keys.authorize(call.record, call.model)
+        prompt = req.prompt_text()
+        if self.args.audit.log_prompts:
+            call.prompt = prompt
+        self._reserve_tokens(call, prompt, req.resolved_max_tokens(self._default_max_tokens(call)))
+        return req
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused with 413 past the cap (by Content-Length before reading it)."""
+        limit = self.args.max_body_bytes
+        too_large = ApiError(413, f"Request body over {limit} bytes.", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        raw = await request.body()
+        if len(raw) > limit:
+            raise too_large
+        return raw
+
+    def _charge(self, call: Call, decision: RateDecision) -> None:
+        """429 if the decision denies; else its x-ratelimit-* headers go on the response."""
+        decision.raise_if_denied()
+        call.headers.update(decision.headers())
+
+    def _reserve_tokens(self, call: Call, prompt: str, max_tokens: int) -> None:
+        """Take the estimated prompt + max_tokens from the key's per-minute token budget."""
+        if call.record is None:
+            return
+        estimate = estimate_prompt_tokens(prompt) + max_tokens
+        decision = self.limiter.check_tokens(
+            call.record.key_id, estimate, call.record.tokens_per_minute
+        )
+        self._charge(call, decision)
+        if decision.scope != "off":
+            call.reserved_tokens = estimate
+
+    def _settle_tokens(self, call: Call, final: dict[str, Any] | None) -> None:
+        """Refund the reserved tokens a request did not use (all of them if it failed)."""
+        if call.record is None or call.reserved_tokens <= 0:
+            return
+        counts = final or {}
+        used = counts.get("prompt_tokens", 0) + counts.get("completion_tokens", 0)
+        reserved, call.reserved_tokens = call.reserved_tokens, 0
+        self.limiter.refund_tokens(
+            call.record.key_id, reserved - used, call.record.tokens_per_minute
+        )
 
     def _variant(self, call: Call, sticky: str | None) -> str:
         if call.model in self.splits:
-            return choose_variant(self.splits[call.model], sticky or call.key_id)
+            key = sticky or call.key_id
+            # Keyed by alias too, so one user's draws for different aliases are independent.
+            sticky_key = None if key is None else f"{call.model}:{key}"
+            return choose_variant(self.splits[call.model], sticky_key)
         if call.model in self.handles:
             return call.model
         raise ModelNotFoundError(call.model, [*self.models, *self.splits])
 
     def _finish(self, call: Call, status: int, final: dict[str, Any] | None) -> None:
+        self._settle_tokens(call, final)
         latency = time.perf_counter() - call.started
         self.metrics.observe(call.model, call.variant, status, latency, final)
+        log.info(
+            "request finished",
+            extra={
+                "request_id": call.request_id,
+                "endpoint": call.endpoint,
+                "model": call.model,
+                "variant": call.variant,
+                "status": status,
+                "latency_ms": round(latency * 1000, 1),
+                "completion_tokens": (final or {}).get("completion_tokens", 0),
+            },
+        )
         if self.audit is None:
             return
         self.audit.write(
@@ -192,8 +272,19 @@ class Router:
                 prompt_tokens=(final or {}).get("prompt_tokens", 0),
                 completion_tokens=(final or {}).get("completion_tokens", 0),
                 latency_ms=latency * 1000,
+                prompt=call.prompt,
+                completion=call.completion,
             )
         )
+
+    def _fail(self, call: Call, error: ApiError) -> None:
+        """Record a failed request; its error response keeps the rate-limit headers."""
+        error.headers = {**call.headers, **error.headers}
+        self._finish(call, error.status, None)
+
+    @staticmethod
+    def _headers(call: Call) -> dict[str, str]:
+        return {**call.headers, VARIANT_HEADER: call.variant}
 
     # ---- relaying the replica stream -------------------------------------------------------
     async def _open(self, call: Call, body: dict[str, Any], sticky: str | None):
@@ -272,30 +363,42 @@ class Router:
     async def _run(
         self, call: Call, body: dict, sticky: str | None, stream: bool, include_usage: bool
     ) -> Response:
+        if not stream:
+            text, final = await self._complete(call, body, sticky)
+            return JSONResponse(
+                fmt.full_response(body["kind"], call.request_id, call.model, text, final),
+                headers=self._headers(call),
+            )
         try:
             gen = await self._open(call, body, sticky)
         except ApiError as e:
-            self._finish(call, e.status, None)
+            self._fail(call, e)
             raise
-        if stream:
-            return StreamingResponse(
-                self._sse(call, gen, body["kind"], include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+        return StreamingResponse(
+            self._sse(call, gen, body["kind"], include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", **self._headers(call)},
+        )
+
+    async def _complete(
+        self, call: Call, body: dict[str, Any], sticky: str | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Run a request to its end (no streaming); every outcome is recorded once."""
         try:
+            gen = await self._open(call, body, sticky)
             text, final = await self._collect(call, gen)
         except ApiError as e:
-            self._finish(call, e.status, None)
+            self._fail(call, e)
             raise
+        if self.args.audit.log_prompts:
+            call.completion = text
         self._finish(call, 200, final)
-        return JSONResponse(
-            fmt.full_response(body["kind"], call.request_id, call.model, text, final)
-        )
+        return text, final
 
     async def _sse(self, call: Call, gen, kind: str, include_usage: bool) -> AsyncIterator[bytes]:
         final: dict[str, Any] | None = None
         status = 200
+        texts: list[str] = []
         try:
             if kind == "chat":
                 yield fmt.sse(fmt.chunk(kind, call.request_id, call.model, None, role=True))
@@ -314,12 +417,14 @@ class Router:
                         )
                         break
                     if event["text"]:
+                        texts.append(event["text"])
                         yield fmt.sse(fmt.chunk(kind, call.request_id, call.model, event["text"]))
                     reason = fmt.FINISH_REASONS[event["finish_reason"]]
                     yield fmt.sse(fmt.chunk(kind, call.request_id, call.model, None, reason))
                     if include_usage:
                         yield fmt.sse(fmt.usage_chunk(kind, call.request_id, call.model, event))
                     break
+                texts.append(event["text"])
                 yield fmt.sse(fmt.chunk(kind, call.request_id, call.model, event["text"]))
             yield fmt.sse("[DONE]")
         except RayActorError:
@@ -338,6 +443,8 @@ class Router:
             if final is None:  # client disconnected or replica died: stop the generation
                 gen.cancel()
                 status = status if status != 200 else 499
+            if self.args.audit.log_prompts:
+                call.completion = "".join(texts)
             self._finish(call, status, final if status == 200 else None)
 
     # ---- routes ----------------------------------------------------------------------------
@@ -368,8 +475,8 @@ class Router:
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._run(call, body, req.user, req.stream, usage)
 
-    @fastapi_app.post("/generate")
-    async def generate(self, request: Request) -> GenerateResponse:
+    @fastapi_app.post("/generate", response_model=GenerateResponse)
+    async def generate(self, request: Request) -> JSONResponse:
         call, req = await self._begin(request, GenerateRequest, "generate")
         params = {
             "max_tokens": req.max_new_tokens,
@@ -382,16 +489,10 @@ class Router:
             body.update(kind="chat", messages=[{"role": "user", "content": req.prompt}])
         else:
             body.update(kind="completion", prompt=req.prompt)
-        gen = await self._open(call, body, None)
-        try:
-            text, final = await self._collect(call, gen)
-        except ApiError as e:
-            self._finish(call, e.status, None)
-            raise
-        self._finish(call, 200, final)
+        text, final = await self._complete(call, body, None)
         elapsed = time.perf_counter() - call.started
         n = final["completion_tokens"]
-        return GenerateResponse(
+        response = GenerateResponse(
             generated_text=text,
             inference_time=elapsed,
             tokens_generated=n,
@@ -399,6 +500,7 @@ class Router:
             memory_used=final.get("memory_mb", 0.0),
             model=call.model,
         )
+        return JSONResponse(response.model_dump(), headers=self._headers(call))
 
     def _default_max_tokens(self, call: Call) -> int:
         name = call.model
@@ -422,16 +524,11 @@ class Router:
     async def health(self, request: Request) -> JSONResponse:
         if self.keys.requires_auth(request.url.path):
             self.keys.authenticate(request.headers.get("authorization"))
-        models: dict[str, Any] = {}
-        for name, handle in self.handles.items():
-            try:
-                async with asyncio.timeout(5):
-                    models[name] = await handle.info.remote()
-            except Exception as e:  # any failure means "not ready", reported, never raised
-                models[name] = {"healthy": False, "error": type(e).__name__}
-        ready = all(m.get("healthy") for m in models.values())
-        body = {"status": "ok" if ready else "unavailable", "models": models}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        infos = await asyncio.gather(*(replica_info(h) for h in self.handles.values()))
+        status, body = health_report(
+            dict(zip(self.handles, infos, strict=True)), await replica_counts(self.handles)
+        )
+        return JSONResponse(body, status_code=status)
 
     @fastapi_app.get("/metrics")
     async def metrics(self, request: Request) -> Response:

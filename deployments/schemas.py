@@ -63,6 +63,10 @@ class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
 
+    def prompt_text(self) -> str:
+        """The messages' text, one per line (for token estimates and the audit log)."""
+        return "\n".join(m.text() for m in self.messages)
+
 
 class CompletionRequest(SamplingFields):
     model: str
@@ -90,6 +94,13 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(50, ge=0)
     model: str | None = Field(None, description="Served model; the default model if omitted.")
     use_chat_template: bool = Field(True, description="Wrap the prompt as a user chat turn.")
+
+    def prompt_text(self) -> str:
+        return self.prompt
+
+    def resolved_max_tokens(self, default: int) -> int:
+        """Same contract as the OpenAI requests': `max_new_tokens` always has a value."""
+        return self.max_new_tokens
 
 
 class GenerateResponse(BaseModel):

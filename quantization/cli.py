@@ -10,7 +10,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from quantization.registry import DEFAULT_ROOT, Registry, RegistryError, manifest_table
@@ -22,17 +26,43 @@ def _registry(args: argparse.Namespace) -> Registry:
     return Registry(Path(args.registry))
 
 
-def _run(specs: list, registry: Registry, publish: bool = True) -> int:
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def _ray_session() -> Iterator[None]:
+    """Join Ray (RAY_ADDRESS, or a local instance) unless the caller already did; leave it after.
+
+    `ray job stop` sends SIGTERM: turn it into KeyboardInterrupt so the job cancels its tasks
+    and cleans up like on Ctrl-C.
+    """
     import ray
 
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 logging_level=logging.WARNING)  # fmt: skip
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    try:
+        yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        if owned:
+            ray.shutdown()
+
+
+def _run(specs: list, registry: Registry, publish: bool = True) -> int:
     from quantization.pipeline import run_jobs
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-             logging_level=logging.WARNING)  # fmt: skip
     try:
-        results = run_jobs(specs, registry, publish=publish)
-    finally:
-        ray.shutdown()
+        with _ray_session():
+            results = run_jobs(specs, registry, publish=publish)
+    except KeyboardInterrupt:
+        print("interrupted: tasks cancelled, nothing published", file=sys.stderr)
+        return 130
     failed = False
     for r in results:
         print(r.report_md, "\n")
@@ -107,6 +137,44 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from deployments.rollout import cli_rollout
+
+    return cli_rollout(args.app, args.alias, args.variant, args.steps, args.interval, args.url)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from deployments.rollout import cli_rollback
+
+    return cli_rollback(args.app, args.alias, args.to)
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from deployments.cost import (
+        Throughput,
+        cost_rows,
+        cost_table,
+        load_prices,
+        throughput_from_benchmark,
+    )
+
+    if args.from_json:
+        throughput = throughput_from_benchmark(Path(args.from_json))
+    else:
+        throughput = Throughput(args.tokens_per_second, None, "--tokens-per-second")
+    if args.tokens_per_request is not None:
+        throughput = replace(throughput, tokens_per_request=args.tokens_per_request)
+    prices = load_prices(Path(args.prices)) if args.prices else load_prices()
+    print(cost_table(cost_rows(prices, throughput), throughput))
+    return 0
+
+
+def _percents(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="awq-serve", description=__doc__)
     p.add_argument("--registry", default=str(DEFAULT_ROOT), help="model registry root")
@@ -145,6 +213,31 @@ def parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke")
     kr.add_argument("key_id")
     k.set_defaults(func=cmd_keys)
+
+    ro = sub.add_parser("rollout", help="move an alias' traffic to a canary step by step")
+    ro.add_argument("alias")
+    ro.add_argument("--variant", required=True, help="the canary: a served model name")
+    ro.add_argument("--steps", type=_percents, default=[10, 25, 50, 100], help="e.g. 10,25,50,100")
+    ro.add_argument("--interval", type=float, default=60.0, help="seconds watched per step")
+    ro.add_argument("--url", help="router base URL for /metrics (default: Serve's http_options)")
+    ro.add_argument("--app", default="awq-serve", help="Serve application name")
+    ro.set_defaults(func=cmd_rollout)
+
+    rb = sub.add_parser("rollback", help="send all of an alias' traffic to its stable variant")
+    rb.add_argument("alias")
+    rb.add_argument("--to", help="variant to send traffic to (default: the configured heaviest)")
+    rb.add_argument("--app", default="awq-serve", help="Serve application name")
+    rb.set_defaults(func=cmd_rollback)
+
+    c = sub.add_parser("cost", help="$ per 1M output tokens and per request on each GPU type")
+    measured = c.add_mutually_exclusive_group(required=True)
+    measured.add_argument("--tokens-per-second", type=float, help="measured output tok/s")
+    measured.add_argument("--from", dest="from_json", help="benchmarks/load.py result JSON")
+    c.add_argument(
+        "--tokens-per-request", type=float, help="output tokens per request (default: from --from)"
+    )
+    c.add_argument("--prices", help="GPU types and $/hour (default: configs/cost.yaml)")
+    c.set_defaults(func=cmd_cost)
     return p
 
 

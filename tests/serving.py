@@ -12,6 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = "smollm2-135m-instruct"
+APP = "awq-serve"
 
 
 def free_port() -> int:
@@ -39,9 +40,16 @@ def serve_app(
     audit_path: Path,
     model_overrides: dict[str, Any] | None = None,
     ray_options: dict[str, Any] | None = None,
+    http_options: dict[str, Any] | None = None,
+    from_config: bool = False,
     **overrides: Any,
 ) -> Iterator[str]:
-    """`ray_options` go to `ray.init` (e.g. `_metrics_export_port` for the metrics tests)."""
+    """`ray_options` go to `ray.init` (e.g. `_metrics_export_port` for the metrics tests).
+
+    `http_options` are added to Serve's (e.g. `ssl_certfile`/`ssl_keyfile`: the URL is then
+    https). `from_config` deploys the way `serve run serve_config.yaml` does, as a config the
+    controller builds, so the app can be redeployed with a new user_config (rollout).
+    """
     import ray
     from ray import serve
 
@@ -50,11 +58,26 @@ def serve_app(
     args = app_args(registry_root, model_overrides, **overrides)
     args["audit"] = {"enabled": True, "path": str(audit_path)}
     port = free_port()
+    http = {"host": "127.0.0.1", "port": port, **(http_options or {})}
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, **(ray_options or {}))
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="awq-serve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        serve.start(http_options=http)
+        if from_config:
+            deploy_config(args)
+        else:
+            serve.run(build_app(args), name=APP, route_prefix="/")
+        yield f"{'https' if http.get('ssl_certfile') else 'http'}://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def deploy_config(args: dict[str, Any], timeout_s: int = 600) -> None:
+    """Deploy `args` as serve_config.yaml's application, and wait until it runs."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": APP, "route_prefix": "/", "import_path": "deployments.app:build_app"}
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema(applications=[{**app, "args": args}]))
+    client._wait_for_application_running(APP, timeout_s=timeout_s)
