@@ -4,7 +4,8 @@ The only quantization module that imports Ray. Each step is a Ray task asking fo
 (a whole GPU for AWQ and evaluation when the cluster has GPUs, so jobs land on spare GPUs and never
 on one a serving replica holds). Several (model x recipe) branches run in parallel; each step's
 output is cached by the hash of its inputs, so a re-run resumes. Publishing happens in the driver,
-after the gate, by atomic rename: a failed, rejected or interrupted job leaves nothing in the registry.
+after the gate, by atomic rename: a failed, rejected or interrupted job leaves nothing in the
+registry.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,13 @@ def _prepare(source: str, cache: str) -> tuple[str, dict]:
     return str(folder), result
 
 
+# Steps take the previous steps' (folder, result) pairs; Ray passes them in once they are done.
 @ray.remote
-def _awq(fp_dir: str, recipe: dict, cache: str) -> tuple[str, dict]:
+def _awq(prepared: tuple[str, dict], recipe: dict, cache: str) -> tuple[str, dict]:
     _use_assigned_cpus()
+    fp_dir = prepared[0]
     r = QuantRecipe.model_validate(recipe)
-    key = steps.fingerprint(step="awq", fp=Path(fp_dir), recipe=recipe)
+    key = steps.fingerprint(step="awq", fp=Path(fp_dir), recipe=r.awq_inputs())
     folder, result = steps.cached_step(
         Path(cache), "awq", key, lambda out: steps.run_awq(Path(fp_dir), r, out)
     )
@@ -80,10 +83,11 @@ def _awq(fp_dir: str, recipe: dict, cache: str) -> tuple[str, dict]:
 
 
 @ray.remote
-def _evaluate(fp_dir: str, awq_dir: str, recipe: dict, cache: str) -> dict:
+def _evaluate(prepared: tuple[str, dict], awq: tuple[str, dict], recipe: dict, cache: str) -> dict:
     _use_assigned_cpus()
+    fp_dir, awq_dir = prepared[0], awq[0]
     r = QuantRecipe.model_validate(recipe)
-    key = steps.fingerprint(step="eval", fp=Path(fp_dir), awq=Path(awq_dir), recipe=recipe)
+    key = steps.fingerprint(step="eval", fp=Path(fp_dir), awq=Path(awq_dir), recipe=r.eval_inputs())
 
     def run(out: Path) -> dict:
         return steps.evaluate(Path(fp_dir), Path(awq_dir), r)
@@ -91,45 +95,98 @@ def _evaluate(fp_dir: str, awq_dir: str, recipe: dict, cache: str) -> dict:
     return steps.cached_step(Path(cache), "eval", key, run)[1]
 
 
-def _timed(ref) -> tuple[Any, float]:
+def _timed(ref: ray.ObjectRef, spec: JobSpec, step: str) -> tuple[Any, float]:
+    """Wait for one step; its failure becomes a `PipelineError` naming the job, step and cause."""
     start = time.perf_counter()
-    value = ray.get(ref)
+    try:
+        value = ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None) or e
+        raise steps.PipelineError(
+            f"job '{spec.name}' (recipe {spec.recipe.name}, source {spec.source}) failed in the "
+            f"{step} step: {type(cause).__name__}: {cause}. Nothing was published."
+        ) from None
     return value, time.perf_counter() - start
 
 
-def run_jobs(specs: list[JobSpec], registry: Registry, publish: bool = True) -> list[JobResult]:
-    """Run every job's graph; branches run in parallel as far as resources allow."""
-    cache = str(registry.root / ".cache")
+@dataclass(frozen=True)
+class _Branch:
+    spec: JobSpec
+    prepared: ray.ObjectRef
+    awq: ray.ObjectRef
+    evaluation: ray.ObjectRef
+
+
+def _submit(specs: list[JobSpec], cache: str) -> list[_Branch]:
+    """Bind every job's tasks; jobs on the same source share one prepare task."""
     res = _resources()
+    prepared: dict[str, ray.ObjectRef] = {}
     branches = []
     for spec in specs:
         recipe = spec.recipe.model_dump()
-        prepared = _prepare.remote(spec.source, cache)
-        fp_dir = _first.remote(prepared)
-        awq = _awq.options(**res).remote(fp_dir, recipe, cache)
-        awq_dir = _first.remote(awq)
-        evaluation = _evaluate.options(**res).remote(fp_dir, awq_dir, recipe, cache)
-        branches.append((spec, prepared, awq, evaluation))
+        if spec.source not in prepared:
+            prepared[spec.source] = _prepare.remote(spec.source, cache)
+        awq = _awq.options(**res).remote(prepared[spec.source], recipe, cache)
+        evaluation = _evaluate.options(**res).remote(prepared[spec.source], awq, recipe, cache)
+        branches.append(_Branch(spec, prepared[spec.source], awq, evaluation))
+    return branches
+
+
+def _cancel(branches: list[_Branch], cache: Path, grace_s: float = 10.0) -> None:
+    """Cancel every task and wait for them to end, so each step's `finally` removes its temp.
+
+    Some libraries swallow KeyboardInterrupt (bare `except` around optional imports), so a task
+    still running after `grace_s` is killed, and the temp folder it leaves is removed here.
+    """
+    refs = list(dict.fromkeys(r for b in branches for r in (b.prepared, b.awq, b.evaluation)))
+    for ref in refs:
+        ray.cancel(ref)
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+    for ref in running:
+        ray.cancel(ref, force=True)
+    if running:
+        ray.wait(running, num_returns=len(running), timeout=grace_s)
+    for ref in refs:  # fetch each outcome, else Ray logs the errors again as unhandled
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:
+            continue
+    steps.remove_dead_temps(cache)
+
+
+def run_jobs(specs: list[JobSpec], registry: Registry, publish: bool = True) -> list[JobResult]:
+    """Run every job's graph; branches run in parallel as far as resources allow.
+
+    A failed step raises `PipelineError`; a failure or an interrupt (Ctrl-C, `ray job stop`)
+    cancels the remaining tasks first, so no step output is left half-written.
+    """
+    cache = registry.root / ".cache"
+    branches = _submit(specs, str(cache))
     results = []
-    for spec, prepared, awq, evaluation in branches:
-        start = time.perf_counter()
-        (fp_dir, prep_info), _ = _timed(prepared)
-        t_prep = time.perf_counter() - start
-        (awq_dir, awq_info), t_awq = _timed(awq)
-        ev, t_eval = _timed(evaluation)
-        timings = {"prepare_s": t_prep, "awq_s": awq_info.get("seconds", t_awq), "eval_s": t_eval}
-        reused = {"prepare": prep_info["reused"], "awq": awq_info["reused"], "eval": ev["reused"]}
-        md = report.markdown(spec.name, spec.recipe, ev, timings)
-        published = None
-        if publish and ev["gate"]["passed"] and spec.recipe.servable:
-            published = _publish(registry, spec, Path(fp_dir), Path(awq_dir), ev, md)
-        results.append(JobResult(spec, published, ev, timings, reused, md))
+    try:
+        for branch in branches:
+            results.append(_finish(branch, registry, publish))
+    except BaseException:
+        _cancel(branches, cache)
+        raise
     return results
 
 
-@ray.remote
-def _first(pair: tuple[str, dict]) -> str:
-    return pair[0]
+def _finish(branch: _Branch, registry: Registry, publish: bool) -> JobResult:
+    """Wait for one branch, gate it, and publish it when it passes."""
+    spec = branch.spec
+    (fp_dir, prep_info), t_prep = _timed(branch.prepared, spec, "prepare")
+    (awq_dir, awq_info), t_awq = _timed(branch.awq, spec, "awq")
+    ev, t_eval = _timed(branch.evaluation, spec, "evaluate")
+    # The gate is not part of the evaluation's cache key: apply this recipe's thresholds.
+    ev["gate"] = asdict(steps.gate(spec.recipe, ev["qualities"]))
+    timings = {"prepare_s": t_prep, "awq_s": awq_info.get("seconds", t_awq), "eval_s": t_eval}
+    reused = {"prepare": prep_info["reused"], "awq": awq_info["reused"], "eval": ev["reused"]}
+    md = report.markdown(spec.name, spec.recipe, ev, timings)
+    published = None
+    if publish and ev["gate"]["passed"] and spec.recipe.servable:
+        published = _publish(registry, spec, Path(fp_dir), Path(awq_dir), ev, md)
+    return JobResult(spec, published, ev, timings, reused, md)
 
 
 def _publish(registry: Registry, spec: JobSpec, fp_dir: Path, awq_dir: Path, ev: dict,

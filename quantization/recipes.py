@@ -70,6 +70,14 @@ class QuantRecipe(BaseModel):
         """Only 4-bit artifacts have packing kernels in AutoAWQ / transformers."""
         return self.w_bit == 4
 
+    def awq_inputs(self) -> dict:
+        """What the AWQ step's output depends on (its cache key): not the name, eval or gate."""
+        return self.model_dump(exclude={"name", "evaluation", "gate"})
+
+    def eval_inputs(self) -> dict:
+        """What the evaluation's figures depend on; the gate is applied to them uncached."""
+        return self.model_dump(exclude={"name", "gate"})
+
     def autoawq_config(self) -> dict:
         return {
             "w_bit": self.w_bit,

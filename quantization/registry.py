@@ -188,7 +188,7 @@ def manifest_table(manifests: list[Manifest]) -> str:
         "|" + "---|" * 8,
     ]
     for m in manifests:
-        ev = m.evaluation.get("candidate", {})
+        ev = m.evaluation.get("candidate", m.evaluation)  # FP16 copies hold their own figures
         size = sum_size(m)
         rows.append(
             f"| {m.name} | {m.version} | {m.kind} | {m.recipe.get('name', '-')} | "
@@ -199,7 +199,9 @@ def manifest_table(manifests: list[Manifest]) -> str:
 
 
 def sum_size(m: Manifest) -> int:
-    return int(m.evaluation.get("size_bytes", 0))
+    """Weights size: the candidate's (AWQ entries keep it there) or the entry's own."""
+    candidate = m.evaluation.get("candidate", {})
+    return int(candidate.get("size_bytes") or m.evaluation.get("size_bytes") or 0)
 
 
 def _fmt(v: float | None) -> str:

@@ -2,7 +2,8 @@
 
 No Ray here; `pipeline.py` runs these as Ray tasks. Every step writes into a temp folder that is
 renamed into the step cache only when complete, so an interrupted step leaves nothing reusable
-and a finished one is reused when its inputs hash the same (resume).
+and a finished one is reused when its inputs hash the same (resume). Temp folders are named by host
+and process, so those of a killed process are found and removed (`remove_dead_temps`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +24,8 @@ from quantization.recipes import QuantRecipe
 
 DEMO_SOURCE = "demo"
 DONE = ".done.json"
+# `.tmp-<step>-<host>-<pid>-<mkdtemp suffix>`; the suffix has no "-".
+_TEMP = re.compile(r"\.tmp-[^-]+-(?P<host>.+)-(?P<pid>\d+)-[^-]*")
 
 
 class PipelineError(RuntimeError):
@@ -50,16 +55,41 @@ def cached_step(
     if marker.is_file():
         return final, {**json.loads(marker.read_text()), "reused": True}
     cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step}-", dir=cache_root))
+    remove_dead_temps(cache_root)
+    prefix = f".tmp-{step}-{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_root))
     try:
         result = run(tmp)
         (tmp / DONE).write_text(json.dumps(result, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
+        if marker.is_file():
+            # A parallel job finished the same step first and may be reading it: keep that one.
+            return final, {**json.loads(marker.read_text()), "reused": True}
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder from an older version
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final, {**result, "reused": False}
+
+
+def remove_dead_temps(cache_root: Path) -> list[Path]:
+    """Remove temp folders that processes of this host, now gone (killed jobs), left behind."""
+    host, removed = socket.gethostname(), []
+    for tmp in cache_root.glob(".tmp-*"):
+        owner = _TEMP.fullmatch(tmp.name)
+        if owner and owner["host"] == host and not _alive(int(owner["pid"])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def prepare_source(source: str, out: Path) -> dict:
@@ -119,7 +149,8 @@ def gate(recipe: QuantRecipe, qualities: dict[str, dict]) -> GateResult:
     awq_rise = awq["perplexity"] - fp["perplexity"]
     if rtn_rise > 0 and awq_rise > g.max_increase_vs_rtn * rtn_rise:
         reasons.append(
-            f"AWQ's perplexity rise {awq_rise:.3f} is over {g.max_increase_vs_rtn}x RTN's {rtn_rise:.3f}"
+            f"AWQ's perplexity rise {awq_rise:.3f} is over "
+            f"{g.max_increase_vs_rtn}x RTN's {rtn_rise:.3f}"
         )
     if awq["top1_agreement"] < g.min_top1_agreement:
         reasons.append(
