@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psutil
+import ray
 from ray import serve
 
 from deployments.config import ModelConfig
 from deployments.engine import Engine, EngineConfig, GenerationRequest, RequestStream, StreamEvent
 from deployments.errors import ApiError
+from deployments.logging_setup import configure_logging
 from deployments.metrics import ReplicaMetrics
 from deployments.model_source import resolve_model_dir
 from deployments.prompts import chat_prompt_ids, completion_prompt_ids
@@ -31,6 +33,7 @@ WARMUP_PROMPT = "Hello"
 
 class ModelServer:
     def __init__(self, config: ModelConfig, variant: str | None = None) -> None:
+        configure_logging()  # LOG_LEVEL from the environment the replica inherits
         self.config = config
         self.variant = variant or config.name
         model_dir, self.model_ref = resolve_model_dir(config.source, config.registry, config.verify)
@@ -49,13 +52,14 @@ class ModelServer:
         )
         self.engine.warm_up(completion_prompt_ids(self.engine.tokenizer, WARMUP_PROMPT))
         self.engine.start()
-        self.metrics.model_load_seconds.set(time.perf_counter() - started)
+        self.metrics.load_seconds = time.perf_counter() - started
+        engine = self.engine
+        self.metrics.start_sampling(lambda: (engine.stats, resident_memory_mb() * 1e6))
         self._apply_batching(config.batching.max_batch_size, config.batching.batch_wait_timeout_s)
         log.info("replica ready: %s on %s", self.model_ref, self.engine.device)
 
     def _on_step(self, batch_size: int, seconds: float) -> None:
-        self.metrics.observe_step(batch_size, seconds, self.engine.stats)
-        self.metrics.memory.set(resident_memory_mb() * 1e6)
+        self.metrics.observe_step(batch_size, seconds)
 
     def _apply_batching(self, max_batch_size: int, wait_s: float) -> None:
         self._admit.set_max_batch_size(max_batch_size)
@@ -101,10 +105,13 @@ class ModelServer:
             yield {"error": error_dict(admitted)}
             return
         yield {"accepted": True, "variant": self.variant}
+        log.debug("admitted", extra={"request_id": body["request_id"]})
         finished = False
         try:
             async for event in admitted:
                 finished = event.finish_reason is not None
+                if finished:
+                    log.info("generation finished", extra=finish_fields(body, event))
                 yield event_dict(event)
         finally:
             if not finished:  # client went away: free the sequence's slot
@@ -122,9 +129,14 @@ class ModelServer:
             "waiting": stats.waiting,
             "healthy": self.engine.healthy,
             "memory_mb": resident_memory_mb(),
+            # Which Ray node holds this replica: shows spread placement and what a node loss takes.
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     def __del__(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.stop_sampling()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(drain_timeout_s=float(os.environ.get("AWQ_SERVE_DRAIN_S", "30")))
@@ -132,6 +144,18 @@ class ModelServer:
 
 def resident_memory_mb() -> float:
     return psutil.Process().memory_info().rss / 1e6
+
+
+def finish_fields(body: dict[str, Any], event: StreamEvent) -> dict[str, Any]:
+    """A finished generation's log fields, keyed by the router's request id."""
+    return {
+        "request_id": body["request_id"],
+        "finish_reason": event.finish_reason,
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "queue_s": None if event.queue_s is None else round(event.queue_s, 4),
+        "ttft_s": None if event.ttft_s is None else round(event.ttft_s, 4),
+    }
 
 
 def error_dict(e: ApiError) -> dict[str, Any]:
