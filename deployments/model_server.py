@@ -28,8 +28,6 @@ from deployments.sampling import SamplingParams
 
 log = logging.getLogger("awq_serve.replica")
 
-WARMUP_PROMPT = "Hello"
-
 
 class ModelServer:
     def __init__(self, config: ModelConfig, variant: str | None = None) -> None:
@@ -50,7 +48,6 @@ class ModelServer:
             ),
             on_step=self._on_step,
         )
-        self.engine.warm_up(completion_prompt_ids(self.engine.tokenizer, WARMUP_PROMPT))
         self.engine.start()
         self.metrics.load_seconds = time.perf_counter() - started
         engine = self.engine
