@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
+from deployments.cost import cost_per_million_tokens
+
 QUANTILES: tuple[float, ...] = (50.0, 95.0, 99.0)
 
 
@@ -135,9 +137,9 @@ def error_key(record: RequestRecord) -> str:
 
 def cost_per_1m_tokens(dollars_per_hour: float | None, tok_per_s: float) -> float | None:
     """Dollars per 1M output tokens = $/h / (tok/s * 3600) * 1e6; None if unpriced or 0 tok/s."""
-    if dollars_per_hour is None or tok_per_s <= 0:
+    if dollars_per_hour is None:
         return None
-    return dollars_per_hour / (tok_per_s * 3600.0) * 1e6
+    return cost_per_million_tokens(dollars_per_hour, tok_per_s)
 
 
 def summarize(
