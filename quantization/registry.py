@@ -9,7 +9,6 @@ failed or interrupted job leaves nothing under `<name>/`. Readers verify hashes 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -123,7 +122,7 @@ class Registry:
         if not folder.is_dir():
             return []
         found = [p.name for p in folder.iterdir() if (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda v: (datetime_of(self, name, v), _version_key(v)))
+        return sorted(found, key=lambda v: (self._created_at(name, v), _version_key(v)))
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -173,12 +172,11 @@ class Registry:
     def entries(self) -> list[Manifest]:
         return [self.manifest(n, v) for n in self.names() for v in self.versions(n)]
 
-
-def datetime_of(registry: Registry, name: str, version: str) -> str:
-    try:
-        return registry.manifest(name, version).created_at
-    except (RegistryError, ValueError):
-        return ""
+    def _created_at(self, name: str, version: str) -> str:
+        try:
+            return self.manifest(name, version).created_at
+        except (RegistryError, ValueError):
+            return ""
 
 
 def manifest_table(manifests: list[Manifest]) -> str:
@@ -189,7 +187,7 @@ def manifest_table(manifests: list[Manifest]) -> str:
     ]
     for m in manifests:
         ev = m.evaluation.get("candidate", m.evaluation)  # FP16 copies hold their own figures
-        size = sum_size(m)
+        size = int(ev.get("size_bytes") or m.evaluation.get("size_bytes") or 0)
         rows.append(
             f"| {m.name} | {m.version} | {m.kind} | {m.recipe.get('name', '-')} | "
             f"{_fmt(ev.get('perplexity'))} | {_fmt(ev.get('top1_agreement'))} | "
@@ -198,15 +196,5 @@ def manifest_table(manifests: list[Manifest]) -> str:
     return "\n".join(rows)
 
 
-def sum_size(m: Manifest) -> int:
-    """Weights size: the candidate's (AWQ entries keep it there) or the entry's own."""
-    candidate = m.evaluation.get("candidate", {})
-    return int(candidate.get("size_bytes") or m.evaluation.get("size_bytes") or 0)
-
-
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
-
-
-def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True)
