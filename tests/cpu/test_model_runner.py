@@ -1,0 +1,99 @@
+"""The batching forward passes on the real demo AWQ model: every way of prefilling a prompt
+(packed with others, in chunks, alone) must leave the same logits and the same KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from deployments.fused_projections import fuse_projections
+from deployments.model_runner import ModelRunner, lm_head_dtype, load_model
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, and then it runs into the forest where",
+    "def add(a, b):",
+    "Paris is the capital of France. Berlin is the capital of Germany. Madrid is the capital "
+    "of Spain. Rome is the capital of Italy. Lisbon is the capital of",
+]
+
+
+def assert_same_prediction(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Same next-token distribution. Paths that differ in attention span or masking move bf16
+    roundings (~0.2 in a logit); a misplaced key or position changes the distribution outright."""
+    torch.testing.assert_close(got.softmax(-1), want.softmax(-1), atol=0.02, rtol=0)
+    assert int(got.argmax()) == int(want.argmax())
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_awq_dir: Path) -> tuple[ModelRunner, list[list[int]]]:
+    model, tokenizer = load_model(demo_awq_dir, torch.device("cpu"))
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    return ModelRunner(model, max_slots=4, max_len=256), prompts
+
+
+def test_packed_prefill_matches_each_prompt_prefilled_alone(
+    loaded: tuple[ModelRunner, list[list[int]]],
+) -> None:
+    runner, prompts = loaded
+    alone = []
+    for prompt in prompts:
+        alone.append(runner.prefill(0, [prompt])[0])
+        nxt = runner.decode([int(alone[-1].argmax())])[0]
+        alone.append(nxt)
+    packed = runner.prefill(0, prompts)
+    assert runner.cache.lengths[:3] == [len(p) for p in prompts]
+    after = runner.decode([int(row.argmax()) for row in packed])
+    for i in range(len(prompts)):
+        assert_same_prediction(packed[i], alone[2 * i])
+        assert_same_prediction(after[i], alone[2 * i + 1])  # reads the packed KV cache
+
+
+def test_chunked_prefill_of_a_long_prompt_matches_one_pass(
+    loaded: tuple[ModelRunner, list[list[int]]],
+) -> None:
+    runner, prompts = loaded
+    prompt = prompts[2]
+    one_pass = runner.prefill(0, [prompt])[0]
+    chunked = runner.prefill(1, [prompt], chunk=8)[0]  # several chunks over the cache
+    assert_same_prediction(chunked, one_pass)
+    assert runner.cache.lengths[:2] == [len(prompt), len(prompt)]
+    after = runner.decode([int(one_pass.argmax())] * 2)  # slot 1 reads the chunk-written cache
+    assert_same_prediction(after[1], after[0])
+
+
+def test_fused_int4_projections_equal_the_separate_kernels(demo_awq_dir: Path) -> None:
+    model, _ = load_model(demo_awq_dir, torch.device("cpu"))
+    attn = model.model.layers[0].self_attn
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    x = torch.randn(5, 3, model.config.hidden_size)
+    separate = [m(x) for m in parts]
+    fused = fuse_projections(parts)
+    assert type(fused).__name__ == "_Int4CpuFused"
+    for got, want in zip(fused(x), separate, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # The originals now read views of the fused weights and still give the same outputs.
+    for m, want in zip(parts, separate, strict=True):
+        torch.testing.assert_close(m(x), want, atol=0, rtol=0)
+
+
+def test_fused_dense_projections_keep_biases_and_share_storage() -> None:
+    torch.manual_seed(0)
+    parts = [nn.Linear(8, 4, bias=True), nn.Linear(8, 6, bias=False), nn.Linear(8, 2, bias=True)]
+    x = torch.randn(3, 8)
+    separate = [m(x).detach() for m in parts]
+    fused = fuse_projections(parts)
+    with torch.no_grad():
+        outs = fused(x)
+    for got, want in zip(outs, separate, strict=True):
+        torch.testing.assert_close(got, want)
+    assert parts[1].weight.data_ptr() == fused.weight[4:].data_ptr()  # a view, not a copy
+
+
+def test_lm_head_dtype_auto_is_bf16_only_for_fp32_models_on_cpu() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert lm_head_dtype("auto", torch.float32, cpu) == torch.bfloat16
+    assert lm_head_dtype("auto", torch.float16, cuda) == torch.float16
+    assert lm_head_dtype("float32", torch.float32, cpu) == torch.float32
