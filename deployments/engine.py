@@ -25,7 +25,7 @@ from deployments.sampling import SamplingParams, StopChecker, make_generator, sa
 
 log = logging.getLogger("awq_serve.engine")
 
-WARMUP_TEXT = "Hello"
+WARMUP_TEXT = "Hello, how are you today?"
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class EngineConfig:
     max_prefill_tokens: int = 512
     max_waiting: int = 256
     cpu_threads: int | None = None
+    # Tokens per stream event after the first (vLLM's `stream_interval`): each event crosses two
+    # Ray hops and an SSE write, so on a small host fewer, larger events leave the CPU to decoding.
+    stream_interval: int = 1
+    lm_head_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,6 @@ class StreamEvent:
     """A piece of output. The last event of a stream has `finish_reason` set."""
 
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | cancelled | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -91,6 +94,8 @@ class _Sequence:
     generator: torch.Generator | None
     arrived: float
     generated: list[int] = field(default_factory=list)
+    unsent: str = ""  # text decoded but not yet pushed (stream_interval > 1)
+    unsent_tokens: int = 0
     started: float | None = None
     first_token: float | None = None
 
@@ -122,6 +127,7 @@ class Engine:
         self.device = pick_device(config.device)
         self.max_running = config.max_running
         self.max_prefill_tokens = config.max_prefill_tokens
+        self.stream_interval = config.stream_interval
         self._on_step = on_step
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -137,13 +143,23 @@ class Engine:
         if self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
         self.model, self.tokenizer = load_model(self.config.model_dir, self.device)
-        self.runner = ModelRunner(self.model, self.config.max_running, self.config.max_model_len)
+        cfg = self.config
+        self.runner = ModelRunner(self.model, cfg.max_running, cfg.max_model_len, cfg.lm_head_dtype)
         self.max_model_len = self.runner.max_len
         self.eos_ids = self._eos_ids()
-        # One prefill and one decode step, so no request pays first-call costs.
-        logits = self.runner.prefill(0, list(self.tokenizer.encode(WARMUP_TEXT)))
-        self.runner.decode([int(logits.argmax())])
-        self.runner.cache.lengths[0] = 0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """A prefill at the token budget over every slot, then a decode at the full batch, so
+        neither the first burst of requests nor the first full batch pays first-call costs
+        (allocator growth, page faults, kernel set-up). vLLM's profile run does the same."""
+        slots = self.runner.cache.slots
+        per_slot = max(1, min(self.max_prefill_tokens // slots, self.max_model_len - 1))
+        text = list(self.tokenizer.encode(WARMUP_TEXT))
+        prompt = (text * per_slot)[:per_slot]
+        logits = self.runner.prefill(0, [prompt] * slots)
+        self.runner.decode(logits.argmax(-1).tolist())
+        self.runner.cache.lengths = [0] * slots
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -179,12 +195,19 @@ class Engine:
     def healthy(self) -> bool:
         return self.fatal_error is None and self._thread is not None and self._thread.is_alive()
 
-    def set_limits(self, max_running: int | None = None, max_prefill_tokens: int | None = None):
+    def set_limits(
+        self,
+        max_running: int | None = None,
+        max_prefill_tokens: int | None = None,
+        stream_interval: int | None = None,
+    ) -> None:
         with self._cond:
             if max_running:
                 self.max_running = min(max_running, self.runner.cache.slots)
             if max_prefill_tokens:
                 self.max_prefill_tokens = max_prefill_tokens
+            if stream_interval:
+                self.stream_interval = stream_interval
             self.stats.max_running = self.max_running
 
     # ---- requests --------------------------------------------------------------------------
@@ -273,20 +296,41 @@ class Engine:
             self._release(i)
 
     def _admit(self) -> None:
-        budget = self.max_prefill_tokens
-        while self._running.__len__() < self.max_running and budget > 0:
-            with self._cond:
-                if not self._waiting:
-                    return
-                seq = self._waiting.popleft()
-            slot = len(self._running)
-            self._running.append(seq)
-            seq.started = time.monotonic()
-            logits = self.runner.prefill(slot, seq.request.prompt_ids)
-            budget -= len(seq.request.prompt_ids)
-            token = sample_next(logits.unsqueeze(0), [seq.request.params], [seq.generator])[0]
-            if self._advance(seq, token):
-                self._release(slot)
+        """Prefill the next waiting requests as one padded batch within the token budget.
+
+        One batched forward costs far less than one per prompt (the int4 kernels are cheap per
+        extra row), so a burst of arrivals gets its first tokens together instead of in turn.
+        The budget counts padded tokens, because that is what the forward pays for.
+        """
+        group = self._next_prefill_group()
+        if not group:
+            return
+        first = len(self._running)
+        now = time.monotonic()
+        for seq in group:
+            seq.started = now
+        self._running.extend(group)
+        logits = self.runner.prefill(first, [s.request.prompt_ids for s in group])
+        tokens = sample_next(
+            logits, [s.request.params for s in group], [s.generator for s in group]
+        )
+        pairs = enumerate(zip(group, tokens, strict=True))
+        finished = [first + i for i, (s, t) in pairs if self._advance(s, t)]
+        for i in reversed(finished):
+            self._release(i)
+
+    def _next_prefill_group(self) -> list[_Sequence]:
+        group: list[_Sequence] = []
+        width = 0
+        with self._cond:
+            while self._waiting and len(self._running) + len(group) < self.max_running:
+                n = len(self._waiting[0].request.prompt_ids)
+                padded = (len(group) + 1) * max(width, n)
+                if group and padded > self.max_prefill_tokens:
+                    break
+                group.append(self._waiting.popleft())
+                width = max(width, n)
+        return group
 
     def _decode(self) -> None:
         tokens = [s.generated[-1] for s in self._running]
@@ -319,10 +363,14 @@ class Engine:
         if is_eos or stopped or length:
             reason = "length" if length and not (is_eos or stopped) else "stop"
             tail = "" if stopped else seq.stop.flush()
-            seq.stream.push(self._final(seq, reason, text=delta + tail))
+            seq.stream.push(self._final(seq, reason, text=seq.unsent + delta + tail))
             return True
-        if delta:
-            seq.stream.push(StreamEvent(text=delta, token_ids=[token]))
+        seq.unsent += delta
+        seq.unsent_tokens += 1
+        first = len(seq.generated) == 1
+        if seq.unsent and (first or seq.unsent_tokens >= self.stream_interval):
+            seq.stream.push(StreamEvent(text=seq.unsent))
+            seq.unsent, seq.unsent_tokens = "", 0
         return False
 
     def _final(

@@ -44,7 +44,9 @@ class ModelServer:
                 max_running=config.batching.max_running,
                 max_model_len=config.max_model_len,
                 max_prefill_tokens=config.batching.max_prefill_tokens,
+                stream_interval=config.batching.stream_interval,
                 cpu_threads=max(1, int(config.num_cpus)),
+                lm_head_dtype=config.lm_head_dtype,
             ),
             on_step=self._on_step,
         )
@@ -68,7 +70,9 @@ class ModelServer:
         if batching:
             merged = self.config.batching.model_copy(update=batching)
             self._apply_batching(merged.max_batch_size, merged.batch_wait_timeout_s)
-            self.engine.set_limits(merged.max_running, merged.max_prefill_tokens)
+            self.engine.set_limits(
+                merged.max_running, merged.max_prefill_tokens, merged.stream_interval
+            )
 
     def check_health(self) -> None:
         if not self.engine.healthy:

@@ -114,3 +114,24 @@ def test_cancelled_request_frees_its_slot_within_a_step(engine: Engine) -> None:
     assert reason == "cancelled"
     assert produced < 400
     assert engine.stats.running == 0
+
+
+def test_stream_interval_groups_tokens_but_sends_the_first_at_once(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)
+    prompt = ids(engine, QUESTIONS[2])
+
+    async def events() -> list[str]:
+        stream = RequestStream(f"si{engine.stream_interval}")
+        engine.submit(GenerationRequest(stream.request_id, prompt, params), stream)
+        return [event.text async for event in stream]
+
+    every_token = asyncio.run(events())
+    engine.set_limits(stream_interval=5)
+    try:
+        grouped = asyncio.run(events())
+    finally:
+        engine.set_limits(stream_interval=1)
+    assert "".join(grouped) == "".join(every_token)
+    # First token alone, then 20 tokens in chunks of 5 (the last one rides on the final event).
+    assert len(grouped) <= 1 + 20 // 5 + 1 < len(every_token)
+    assert grouped[0] == every_token[0]
