@@ -76,6 +76,12 @@ def lm_head_dtype(requested: str, model_dtype: torch.dtype, device: torch.device
     return model_dtype
 
 
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A decoder's RMSNorm module as one fused op (eight small ops in HF's eager forward, ~400 a
+    decode step on a 30-layer model)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -210,7 +216,7 @@ class ModelRunner:
         k = k.view(b, s, self.kv_heads, self.head_dim)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.arch.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (b, heads, s, head_dim)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (b, kv_heads, s, head_dim)
         kc, vc = self.cache.k[i], self.cache.v[i]
@@ -251,10 +257,10 @@ class ModelRunner:
         h = inner.embed_tokens(ids)  # (batch, seq, hidden)
         cos, sin = inner.rotary_emb(h, at.pos)
         for i, layer in enumerate(inner.layers):
-            h = h + self._attention(layer, i, layer.input_layernorm(h), cos, sin, at)
-            h = h + self._mlp(layer, i, layer.post_attention_layernorm(h))
+            h = h + self._attention(layer, i, rms_norm(layer.input_layernorm, h), cos, sin, at)
+            h = h + self._mlp(layer, i, rms_norm(layer.post_attention_layernorm, h))
         h = h[:, -1] if at.last is None else h.reshape(-1, h.shape[-1])[at.last]
-        return self._logits(inner.norm(h))
+        return self._logits(rms_norm(inner.norm, h))
 
     def prefill(self, first_slot: int, prompts: list[list[int]], chunk: int = 512) -> torch.Tensor:
         """Write fresh prompts into slots first_slot.. and return each one's last-position
