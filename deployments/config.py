@@ -71,6 +71,12 @@ class ModelConfig(_Strict):
         "auto", description="auto picks CUDA if present."
     )
     max_model_len: int = Field(2048, ge=64, description="Prompt + completion tokens per request.")
+    prefix_cache_mb: float = Field(
+        256,
+        ge=0,
+        description="Memory for automatic prefix caching (KV of shared prompt starts such as a "
+        "system prompt, reused instead of recomputed); 0 turns it off.",
+    )
     lm_head_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Dtype of the output projection; auto: bfloat16 on CPU for fp32 models "

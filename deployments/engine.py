@@ -41,6 +41,7 @@ class EngineConfig:
     # Ray hops and an SSE write, so on a small host fewer, larger events leave the CPU to decoding.
     stream_interval: int = 1
     lm_head_dtype: str = "auto"
+    prefix_cache_mb: float = 256.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class EngineStats:
     last_batch_size: int = 0
     generated_tokens: int = 0
     oom_events: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # of which reused
 
 
 class Engine:
@@ -144,7 +147,13 @@ class Engine:
             torch.set_num_threads(self.config.cpu_threads)
         self.model, self.tokenizer = load_model(self.config.model_dir, self.device)
         cfg = self.config
-        self.runner = ModelRunner(self.model, cfg.max_running, cfg.max_model_len, cfg.lm_head_dtype)
+        self.runner = ModelRunner(
+            self.model,
+            cfg.max_running,
+            cfg.max_model_len,
+            cfg.lm_head_dtype,
+            prefix_cache_mb=cfg.prefix_cache_mb,
+        )
         self.max_model_len = self.runner.max_len
         self.eos_ids = self._eos_ids()
         self._warm_up()
@@ -160,6 +169,7 @@ class Engine:
         logits = self.runner.prefill(0, [prompt] * slots)
         self.runner.decode(logits.argmax(-1).tolist())
         self.runner.cache.lengths = [0] * slots
+        self.runner.prefix_cache.clear()
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -281,6 +291,8 @@ class Engine:
         self.stats.running = len(self._running)
         self.stats.waiting = len(self._waiting)
         self.stats.kv_cache_bytes = self.runner.cache.bytes_in_use()
+        self.stats.prefix_cache_queries = self.runner.prefix_cache.stats.queries
+        self.stats.prefix_cache_hits = self.runner.prefix_cache.stats.hits
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -298,9 +310,8 @@ class Engine:
     def _admit(self) -> None:
         """Prefill the next waiting requests as one padded batch within the token budget.
 
-        One batched forward costs far less than one per prompt (the int4 kernels are cheap per
+        One packed forward costs far less than one per prompt (the int4 kernels are cheap per
         extra row), so a burst of arrivals gets its first tokens together instead of in turn.
-        The budget counts padded tokens, because that is what the forward pays for.
         """
         group = self._next_prefill_group()
         if not group:
@@ -321,15 +332,13 @@ class Engine:
 
     def _next_prefill_group(self) -> list[_Sequence]:
         group: list[_Sequence] = []
-        width = 0
+        tokens = 0
         with self._cond:
             while self._waiting and len(self._running) + len(group) < self.max_running:
-                n = len(self._waiting[0].request.prompt_ids)
-                padded = (len(group) + 1) * max(width, n)
-                if group and padded > self.max_prefill_tokens:
+                tokens += len(self._waiting[0].request.prompt_ids)
+                if group and tokens > self.max_prefill_tokens:
                     break
                 group.append(self._waiting.popleft())
-                width = max(width, n)
         return group
 
     def _decode(self) -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployments.fused_projections import Projection, fuse_projections
+from deployments.prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,12 @@ class SlotKVCache:
     def slots(self) -> int:
         return len(self.lengths)
 
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
+
     def bytes_in_use(self) -> int:
-        per_token = sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
-        return per_token * sum(self.lengths)
+        return self.bytes_per_token * sum(self.lengths)
 
     def write(self, cache: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, new: torch.Tensor):
         """Store `new` (batch, kv_heads, seq, head_dim) for tokens at (slot, pos), both
@@ -137,6 +141,16 @@ class SlotKVCache:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One prompt's new tokens in a packed prefill row."""
+
+    start: int  # first column in the row
+    length: int
+    slot: int
+    cached: int  # tokens of this prompt already in the slot (a prefix-cache hit)
+
+
+@dataclass(frozen=True)
 class StepLayout:
     """Where one forward's tokens (batch, seq) live and what each of them attends to."""
 
@@ -145,9 +159,9 @@ class StepLayout:
     # Decode and chunked prefill attend over these slots' cache, masked (batch or 1, 1, seq, keys).
     cached: slice | None
     mask: torch.Tensor | None
-    # Packed prefill of fresh prompts: each (start, length) run of the one row attends causally
-    # to itself only, over this forward's own K/V (no T x T mask: most of it would be empty).
-    segments: list[tuple[int, int]] | None = None
+    # Packed prefill: the one row holds several prompts' new tokens, each a `Segment` that
+    # attends causally to itself and its slot's cached prefix (no T x T mask over the row).
+    segments: list[Segment] | None = None
     # Flat (batch * seq) index of each token whose logits are wanted; None: the last column.
     last: torch.Tensor | None = None
 
@@ -156,7 +170,13 @@ class ModelRunner:
     """Prefill one sequence into a slot; decode one token for slots 0..n-1 at once."""
 
     def __init__(
-        self, model: nn.Module, max_slots: int, max_len: int, lm_head: str = "auto"
+        self,
+        model: nn.Module,
+        max_slots: int,
+        max_len: int,
+        lm_head: str = "auto",
+        prefix_cache_mb: float = 0,
+        prefix_block_tokens: int = 16,
     ) -> None:
         cfg = model.config
         arch = ARCHITECTURES.get(cfg.model_type)
@@ -195,6 +215,10 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
+        block_bytes = self.cache.bytes_per_token * prefix_block_tokens
+        self.prefix_cache = PrefixCache(
+            prefix_block_tokens, max_blocks=int(prefix_cache_mb * 1e6 // block_bytes)
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -224,21 +248,37 @@ class ModelRunner:
         self.cache.write(vc, at.slot, at.pos, v)
         gqa = self.kv_heads != self.n_heads
         if at.segments is not None:
-            runs = [slice(a, a + n) for a, n in at.segments]
-            out = torch.cat(
-                [
-                    F.scaled_dot_product_attention(
-                        q[:, :, r], k[:, :, r], v[:, :, r], is_causal=True, enable_gqa=gqa
-                    )
-                    for r in runs
-                ],
-                dim=2,
-            )
+            out = torch.cat([self._segment_attention(q, k, v, kc, vc, g) for g in at.segments], 2)
         else:
             keys = at.mask.shape[-1]
             k, v = kc[at.cached, :, :keys], vc[at.cached, :, :keys]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, enable_gqa=gqa)
         return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _segment_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        g: Segment,
+    ) -> torch.Tensor:
+        run = slice(g.start, g.start + g.length)
+        gqa = self.kv_heads != self.n_heads
+        if not g.cached:  # fresh prompt: its own K/V, the fast causal path
+            return F.scaled_dot_product_attention(
+                q[:, :, run], k[:, :, run], v[:, :, run], is_causal=True, enable_gqa=gqa
+            )
+        span = g.cached + g.length  # the cached prefix, then this segment (already written)
+        mask = torch.ones(g.length, span, dtype=torch.bool, device=q.device).tril(g.cached)
+        return F.scaled_dot_product_attention(
+            q[:, :, run],
+            kc[g.slot : g.slot + 1, :, :span],
+            vc[g.slot : g.slot + 1, :, :span],
+            attn_mask=mask,
+            enable_gqa=gqa,
+        )
 
     def _mlp(self, layer: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[i](h)
@@ -263,38 +303,55 @@ class ModelRunner:
         return self._logits(rms_norm(inner.norm, h))
 
     def prefill(self, first_slot: int, prompts: list[list[int]], chunk: int = 512) -> torch.Tensor:
-        """Write fresh prompts into slots first_slot.. and return each one's last-position
-        logits (n, vocab).
+        """Write prompts into slots first_slot.. and return each one's last-position logits
+        (n, vocab).
 
-        Several prompts go through as one packed row (no padding; each attends to itself only),
-        so a burst of arrivals costs one forward instead of one each. A prompt longer than
-        `chunk` goes alone, in chunks over its cache, so activations stay bounded.
+        Leading blocks found in the prefix cache are copied in, not recomputed. The rest of
+        several prompts goes through as one packed row (no padding; each attends to itself and
+        its prefix only), so a burst of arrivals costs one forward instead of one each. A prompt
+        with more than `chunk` new tokens goes alone, in chunks over its cache, so activations
+        stay bounded.
         """
-        if len(prompts) == 1 and len(prompts[0]) > chunk:
-            return self._prefill_chunked(first_slot, prompts[0], chunk)
-        dev = self.device
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        slot = torch.repeat_interleave(torch.arange(len(prompts), device=dev) + first_slot, lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        pos = torch.arange(len(slot), device=dev) - torch.repeat_interleave(starts, lengths)
-        ids = torch.tensor([t for p in prompts for t in p], device=dev).unsqueeze(0)
-        at = StepLayout(
-            slot=slot.unsqueeze(0),
-            pos=pos.unsqueeze(0),
-            cached=None,
-            mask=None,
-            segments=list(zip(starts.tolist(), lengths.tolist(), strict=True)),
-            last=starts + lengths - 1,
-        )
-        logits = self._forward(ids, at)
+        cached = []
+        for row, p in enumerate(prompts):
+            hit = self.prefix_cache.lookup(p)
+            cached.append(self.prefix_cache.load(hit, self.cache.k, self.cache.v, first_slot + row))
+        if len(prompts) == 1 and len(prompts[0]) - cached[0] > chunk:
+            logits = self._prefill_chunked(first_slot, prompts[0], cached[0], chunk)
+        else:
+            logits = self._prefill_packed(first_slot, prompts, cached)
         for row, p in enumerate(prompts):
             self.cache.lengths[first_slot + row] = len(p)
+            self.prefix_cache.store(p, self.cache.k, self.cache.v, first_slot + row)
         return logits
 
-    def _prefill_chunked(self, slot: int, ids: list[int], chunk: int) -> torch.Tensor:
+    def _prefill_packed(
+        self, first_slot: int, prompts: list[list[int]], cached: list[int]
+    ) -> torch.Tensor:
+        dev = self.device
+        new = [p[c:] for p, c in zip(prompts, cached, strict=True)]
+        segments, start = [], 0
+        for row, (part, c) in enumerate(zip(new, cached, strict=True)):
+            segments.append(Segment(start, len(part), first_slot + row, c))
+            start += len(part)
+        at = StepLayout(
+            slot=torch.tensor([[g.slot for g in segments for _ in range(g.length)]], device=dev),
+            pos=torch.tensor(
+                [[c + j for g, c in zip(segments, cached, strict=True) for j in range(g.length)]],
+                device=dev,
+            ),
+            cached=None,
+            mask=None,
+            segments=segments,
+            last=torch.tensor([g.start + g.length - 1 for g in segments], device=dev),
+        )
+        ids = torch.tensor([[t for part in new for t in part]], device=dev)
+        return self._forward(ids, at)
+
+    def _prefill_chunked(self, slot: int, ids: list[int], start: int, chunk: int) -> torch.Tensor:
         dev = self.device
         logits = None
-        for off in range(0, len(ids), chunk):
+        for off in range(start, len(ids), chunk):
             part = torch.tensor([ids[off : off + chunk]], device=dev)  # (1, n)
             n = part.shape[1]
             pos = torch.arange(off, off + n, device=dev).unsqueeze(0)
@@ -307,7 +364,6 @@ class ModelRunner:
                 last=None,
             )
             logits = self._forward(part, at)
-        self.cache.lengths[slot] = len(ids)
         return logits
 
     def decode(self, tokens: list[int]) -> torch.Tensor:

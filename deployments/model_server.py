@@ -47,6 +47,7 @@ class ModelServer:
                 stream_interval=config.batching.stream_interval,
                 cpu_threads=max(1, int(config.num_cpus)),
                 lm_head_dtype=config.lm_head_dtype,
+                prefix_cache_mb=config.prefix_cache_mb,
             ),
             on_step=self._on_step,
         )

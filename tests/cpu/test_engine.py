@@ -30,6 +30,14 @@ def engine(demo_awq_dir: Path):
     eng.shutdown(drain_timeout_s=5)
 
 
+@pytest.fixture(scope="module")
+def fp32_engine(demo_fp16_dir: Path):
+    eng = Engine(EngineConfig(model_dir=demo_fp16_dir, max_running=8, max_model_len=512))
+    eng.start()
+    yield eng
+    eng.shutdown(drain_timeout_s=5)
+
+
 def ids(engine: Engine, question: str) -> list[int]:
     return chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": question}])
 
@@ -44,7 +52,12 @@ async def generate(engine: Engine, request_id: str, prompt: list[int], params: S
     return "".join(text), final
 
 
-def test_greedy_output_in_a_busy_batch_equals_output_alone(engine: Engine) -> None:
+def test_greedy_output_in_a_busy_batch_equals_output_alone(fp32_engine: Engine) -> None:
+    """Token for token, on the FP32 model. Batch-mates change the attention span, and with it
+    the order of float sums (~1e-7); the AWQ kernels' bf16 activations can blow that up into a
+    different greedy token at a near tie, so for AWQ test_model_runner compares distributions
+    (vLLM's tests do the same with logprobs)."""
+    engine = fp32_engine
     greedy = SamplingParams(max_tokens=24, temperature=0.0)
 
     async def alone() -> list[str]:

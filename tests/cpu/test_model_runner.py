@@ -11,6 +11,7 @@ from torch import nn
 
 from deployments.fused_projections import fuse_projections
 from deployments.model_runner import ModelRunner, lm_head_dtype, load_model
+from deployments.prefix_cache import PrefixCache
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, and then it runs into the forest where",
@@ -97,3 +98,20 @@ def test_lm_head_dtype_auto_is_bf16_only_for_fp32_models_on_cpu() -> None:
     assert lm_head_dtype("auto", torch.float32, cpu) == torch.bfloat16
     assert lm_head_dtype("auto", torch.float16, cuda) == torch.float16
     assert lm_head_dtype("float32", torch.float32, cpu) == torch.float32
+
+
+def test_prefix_cache_hit_gives_the_same_prediction_as_a_full_prefill(
+    loaded: tuple[ModelRunner, list[list[int]]],
+) -> None:
+    runner, prompts = loaded
+    shared = prompts[2]  # 40+ tokens: at least two full blocks of 16
+    question = shared + prompts[0]
+    full = runner.prefill(0, [question])[0]
+    runner.prefix_cache = PrefixCache(block_tokens=16, max_blocks=64)
+    runner.prefill(1, [shared])  # leaves its blocks behind
+    hit = runner.prefill(2, [question])[0]
+    assert runner.prefix_cache.stats.hits >= 32
+    assert_same_prediction(hit, full)
+    after = runner.decode([int(full.argmax())] * 3)  # slot 2 reads copied-in blocks
+    assert_same_prediction(after[2], after[0])
+    runner.prefix_cache = PrefixCache(block_tokens=16, max_blocks=0)

@@ -256,6 +256,10 @@ def test_replica_metrics_reach_rays_export_with_sane_values(replica_samples, tra
     assert value(s, n["kv_bytes"], model=CHAT) == 0
     assert value(s, n["memory"], model=CHAT) > 50e6  # a process holding a model
     assert 0 < value(s, n["model_load_seconds"], model=CHAT) < 600
+    # Every admitted prompt token is looked up once; hits come in whole 16-token blocks.
+    assert value(s, n["prefix_cache_queries"] + "_total", model=CHAT) == traffic.prompt_tokens
+    hits = value(s, n["prefix_cache_hits"] + "_total", model=CHAT) or 0  # unset until a hit
+    assert hits % 16 == 0 and hits < traffic.prompt_tokens
 
 
 def test_every_dashboard_metric_appears_in_a_scrape(router_samples, replica_samples) -> None:
