@@ -23,19 +23,28 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def engine(demo_awq_dir: Path):
-    eng = Engine(EngineConfig(model_dir=demo_awq_dir, max_running=8, max_model_len=512))
-    eng.start()
-    yield eng
-    eng.shutdown(drain_timeout_s=5)
+def start_engine():
+    started: list[Engine] = []
+
+    def start(model_dir: Path) -> Engine:
+        eng = Engine(EngineConfig(model_dir=model_dir, max_running=8, max_model_len=512))
+        eng.start()
+        started.append(eng)
+        return eng
+
+    yield start
+    for eng in started:
+        eng.shutdown(drain_timeout_s=5)
 
 
 @pytest.fixture(scope="module")
-def fp32_engine(demo_fp16_dir: Path):
-    eng = Engine(EngineConfig(model_dir=demo_fp16_dir, max_running=8, max_model_len=512))
-    eng.start()
-    yield eng
-    eng.shutdown(drain_timeout_s=5)
+def engine(start_engine, demo_awq_dir: Path) -> Engine:
+    return start_engine(demo_awq_dir)
+
+
+@pytest.fixture(scope="module")
+def fp32_engine(start_engine, demo_fp16_dir: Path) -> Engine:
+    return start_engine(demo_fp16_dir)
 
 
 def ids(engine: Engine, question: str) -> list[int]:

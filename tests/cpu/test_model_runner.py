@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from deployments.fused_projections import fuse_projections
-from deployments.model_runner import ModelRunner, lm_head_dtype, load_model
+from deployments.model_runner import ModelRunner, lm_head_dtype, load_model, output_projection
 from deployments.prefix_cache import PrefixCache
 
 TEXTS = [
@@ -115,3 +115,15 @@ def test_prefix_cache_hit_gives_the_same_prediction_as_a_full_prefill(
     after = runner.decode([int(full.argmax())] * 3)  # slot 2 reads copied-in blocks
     assert_same_prediction(after[2], after[0])
     runner.prefix_cache = PrefixCache(block_tokens=16, max_blocks=0)
+
+
+def test_prepacked_output_projection_computes_the_plain_linear() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(64, 1000, bias=False)
+    h = torch.randn(5, 64)
+    want = nn.functional.linear(h, head.weight).detach()
+    exact = output_projection(head, torch.float32, torch.device("cpu"), batch_hint=16)
+    torch.testing.assert_close(exact(h), want, atol=1e-5, rtol=1e-5)
+    half = output_projection(head, torch.bfloat16, torch.device("cpu"), batch_hint=16)
+    assert half(h).dtype == torch.bfloat16
+    torch.testing.assert_close(half(h).float(), want, atol=0.05, rtol=0.02)
