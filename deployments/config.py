@@ -79,8 +79,8 @@ class ModelConfig(_Strict):
     )
     lm_head_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Dtype of the output projection; auto: bfloat16 on CPU for fp32 models "
-        "(half the memory traffic of the largest decode matmul), else the model's dtype.",
+        description="Dtype of the output projection; auto: the model's. bfloat16 on CPU is "
+        "faster but its coarse logits can change greedy answers.",
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)

@@ -93,11 +93,10 @@ def test_fused_dense_projections_keep_biases_and_share_storage() -> None:
     assert parts[1].weight.data_ptr() == fused.weight[4:].data_ptr()  # a view, not a copy
 
 
-def test_lm_head_dtype_auto_is_bf16_only_for_fp32_models_on_cpu() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert lm_head_dtype("auto", torch.float32, cpu) == torch.bfloat16
-    assert lm_head_dtype("auto", torch.float16, cuda) == torch.float16
-    assert lm_head_dtype("float32", torch.float32, cpu) == torch.float32
+def test_lm_head_dtype_auto_keeps_the_models_dtype() -> None:
+    assert lm_head_dtype("auto", torch.float32) == torch.float32
+    assert lm_head_dtype("auto", torch.float16) == torch.float16
+    assert lm_head_dtype("bfloat16", torch.float32) == torch.bfloat16
 
 
 def test_prefix_cache_hit_gives_the_same_prediction_as_a_full_prefill(
