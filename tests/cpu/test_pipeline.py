@@ -191,12 +191,15 @@ def test_interrupt_while_awq_runs_cancels_it_and_leaves_no_trace(
     # past AWQ before the interrupt lands cannot fail the job first.
     recipes = [tiny_recipe(q_group_size=32), tiny_recipe(q_group_size=32, apply_clip=False)]
     specs = [JobSpec(str(tiny_llama_dir), "interrupted", r) for r in recipes]
+    # Python's own Ctrl-C handler, whatever an earlier test (Ray, Serve) left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             run_jobs(specs, registry)
     finally:
         finished.set()
         presser.join()
+        signal.signal(signal.SIGINT, previous)
     assert awq_started.is_set()
     # A branch that finished before the interrupt landed may stay cached (complete, for resume);
     # nothing partial may: every new cache entry is a whole, marked step.
