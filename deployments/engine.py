@@ -308,7 +308,7 @@ class Engine:
             self._release(i)
 
     def _admit(self) -> None:
-        """Prefill the next waiting requests as one padded batch within the token budget.
+        """Prefill the next waiting requests as one packed row within the token budget.
 
         One packed forward costs far less than one per prompt (the int4 kernels are cheap per
         extra row), so a burst of arrivals gets its first tokens together instead of in turn.
