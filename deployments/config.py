@@ -82,6 +82,12 @@ class ModelConfig(_Strict):
         description="Dtype of the output projection; auto: the model's. bfloat16 on CPU is "
         "faster but its coarse logits can change greedy answers.",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="A request's output does not depend on its batch-mates (temperature 0 is "
+        "reproducible under load): attention and dense matmuls run in calls whose shapes depend "
+        "on a token's own position only. Exact on CPU; on CUDA the AWQ kernels may still vary.",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     num_replicas: int = Field(1, ge=1, description="Fixed replicas when autoscaling is off.")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from deployments.errors import ApiError, ContextLengthError, OverloadedError
+from deployments.hardware import cpu_features, kernel_paths
 from deployments.model_runner import ModelRunner, load_model, pick_device
 from deployments.sampling import SamplingParams, StopChecker, make_generator, sample_next
 
@@ -42,6 +43,8 @@ class EngineConfig:
     stream_interval: int = 1
     lm_head_dtype: str = "auto"
     prefix_cache_mb: float = 256.0
+    # A greedy answer independent of batch-mates (fixed-shape attention and dense matmul calls).
+    batch_invariant: bool = True
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,15 @@ class Engine:
             cfg.max_model_len,
             cfg.lm_head_dtype,
             prefix_cache_mb=cfg.prefix_cache_mb,
+            batch_invariant=cfg.batch_invariant,
         )
         self.max_model_len = self.runner.max_len
+        self.hardware = {
+            "device": str(self.device),
+            "cpu": cpu_features(),
+            "kernels": kernel_paths(self.model, self.runner.lm_head_path, cfg.batch_invariant),
+        }
+        log.info("hardware and kernel paths: %s", self.hardware)
         self.eos_ids = self._eos_ids()
         self._warm_up()
 
@@ -162,14 +172,13 @@ class Engine:
         """A prefill at the token budget over every slot, then a decode at the full batch, so
         neither the first burst of requests nor the first full batch pays first-call costs
         (allocator growth, page faults, kernel set-up). vLLM's profile run does the same."""
-        slots = self.runner.cache.slots
+        slots = self.runner.slots
         per_slot = max(1, min(self.max_prefill_tokens // slots, self.max_model_len - 1))
         text = list(self.tokenizer.encode(WARMUP_TEXT))
         prompt = (text * per_slot)[:per_slot]
         logits = self.runner.prefill(0, [prompt] * slots)
         self.runner.decode(logits.argmax(-1).tolist())
-        self.runner.cache.lengths = [0] * slots
-        self.runner.prefix_cache.clear()
+        self.runner.reset(forget_prefixes=True)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -213,7 +222,7 @@ class Engine:
     ) -> None:
         with self._cond:
             if max_running:
-                self.max_running = min(max_running, self.runner.cache.slots)
+                self.max_running = min(max_running, self.runner.slots)
             if max_prefill_tokens:
                 self.max_prefill_tokens = max_prefill_tokens
             if stream_interval:
@@ -399,10 +408,10 @@ class Engine:
         """Free a running sequence's slot, moving the last sequence down to keep 0..n-1 dense."""
         last = len(self._running) - 1
         if index != last:
-            self.runner.cache.move(last, index)
+            self.runner.move(last, index)
             self._running[index] = self._running[last]
         else:
-            self.runner.cache.lengths[index] = 0
+            self.runner.release(index)
         self._running.pop()
 
     def _recover_from_oom(self, e: BaseException) -> None:
@@ -418,7 +427,7 @@ class Engine:
         for seq in self._running:
             seq.stream.push(self._final(seq, "error", error=err))
         self._running.clear()
-        self.runner.cache.lengths = [0] * self.runner.cache.slots
+        self.runner.reset()
         self.set_limits(max_running=max(1, self.max_running // 2))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

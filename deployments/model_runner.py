@@ -75,7 +75,7 @@ def lm_head_dtype(requested: str, model_dtype: torch.dtype) -> torch.dtype:
 
 def output_projection(
     head: nn.Linear, dtype: torch.dtype, device: torch.device, batch_hint: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """The lm_head as a function of hidden states, in `dtype`.
 
     On CPU its weight is reordered once into oneDNN's blocked layout (what inductor's CPU weight
@@ -86,16 +86,18 @@ def output_projection(
     weight = head.weight.detach().to(dtype)
     bias = None if head.bias is None else head.bias.detach().to(dtype)
     plain = partial(F.linear, weight=weight, bias=bias)
+    fallback = (lambda h: plain(h.to(dtype))), f"linear {str(dtype).removeprefix('torch.')}"
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return lambda h: plain(h.to(dtype))
+        return fallback
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         probe = torch.zeros(1, weight.shape[1], dtype=dtype)
         linear = torch.ops.mkldnn._linear_pointwise
         torch.testing.assert_close(linear(probe, packed, bias, "none", [], ""), plain(probe))
     except (RuntimeError, AssertionError):  # a torch build without the op, or a layout change
-        return lambda h: plain(h.to(dtype))
-    return lambda h: linear(h.to(dtype), packed, bias, "none", [], "")
+        return fallback
+    packed_name = f"onednn prepacked {str(dtype).removeprefix('torch.')}"
+    return (lambda h: linear(h.to(dtype), packed, bias, "none", [], "")), packed_name
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -167,30 +169,84 @@ class SlotKVCache:
         self.lengths[dst], self.lengths[src] = n, 0
 
 
-@dataclass(frozen=True)
-class Segment:
-    """One prompt's new tokens in a packed prefill row."""
+# Batch invariance: a token's attention must not depend on its batch-mates. CPU SDPA sums a
+# row's keys in an order that depends on how many keys the call has (even masked ones: 45 vs 48
+# keys moved outputs by 1.2e-7, measured) and a causal call's query blocking on how many queries
+# it has, so every query is computed in a call shaped by its own position only: queries in
+# aligned tiles of QUERY_TILE rows (decode: one row), keys rounded up to KEY_BUCKET.
+QUERY_TILE = 16
+KEY_BUCKET = 128
 
-    start: int  # first column in the row
-    length: int
-    slot: int
-    cached: int  # tokens of this prompt already in the slot (a prefix-cache hit)
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Query tiles that share one key count, attended in one SDPA call."""
+
+    rows: torch.Tensor  # (tiles * tile_rows,) token of each query row; `tokens` = padding
+    slots: torch.Tensor | slice  # KV slot of each tile
+    keys: int  # keys read per tile (a bucket: a function of the tile's position alone)
+    mask: torch.Tensor  # (tiles, 1, tile_rows, keys) True where a key is visible
 
 
 @dataclass(frozen=True)
 class StepLayout:
-    """Where one forward's tokens (batch, seq) live and what each of them attends to."""
+    """Where one forward's tokens (batch, seq) live and how their attention is computed."""
 
     slot: torch.Tensor  # (batch, seq) KV slot of each token
     pos: torch.Tensor  # (batch, seq) position of each token in its sequence
-    # Decode and chunked prefill attend over these slots' cache, masked (batch or 1, 1, seq, keys).
-    cached: slice | None
-    mask: torch.Tensor | None
-    # Packed prefill: the one row holds several prompts' new tokens, each a `Segment` that
-    # attends causally to itself and its slot's cached prefix (no T x T mask over the row).
-    segments: list[Segment] | None = None
-    # Flat (batch * seq) index of each token whose logits are wanted; None: the last column.
-    last: torch.Tensor | None = None
+    groups: list[AttentionGroup]
+    tile_rows: int  # query rows per tile
+    last: torch.Tensor  # flat (batch * seq) index of each token whose logits are wanted
+
+
+def key_bucket(needed: int, max_len: int) -> int:
+    """Keys a call reads for queries that need `needed`: rounded up, so it depends on the
+    position alone and a handful of calls cover a whole batch."""
+    return min(-(-needed // KEY_BUCKET) * KEY_BUCKET, max_len)
+
+
+def plan_attention(
+    slots: list[int],
+    positions: list[int],
+    tile_rows: int,
+    max_len: int,
+    device: torch.device,
+    invariant: bool = True,
+) -> list[AttentionGroup]:
+    """Group the tokens (flat order, one slot and position each) into aligned query tiles and
+    the tiles by key bucket. A tile holds the tokens of one slot whose positions fall in
+    [t * tile_rows, (t + 1) * tile_rows); rows of a tile with no token are padding.
+
+    `invariant=False` gives every tile the keys the batch's furthest tile needs: one SDPA call a
+    layer, but a row's float sums then depend on its batch-mates' lengths."""
+    tiles: dict[tuple[int, int], list[int]] = {}
+    for token, (slot, pos) in enumerate(zip(slots, positions, strict=True)):
+        tiles.setdefault((slot, pos // tile_rows), [-1] * tile_rows)[pos % tile_rows] = token
+    widest = min((max(positions) // tile_rows + 1) * tile_rows, max_len)
+    by_keys: dict[int, list[tuple[int, int, list[int]]]] = {}
+    for (slot, tile), rows in tiles.items():
+        first = tile * tile_rows
+        keys = key_bucket(first + tile_rows, max_len) if invariant else widest
+        by_keys.setdefault(keys, []).append((slot, first, rows))
+    pad = len(slots)
+    groups = []
+    for keys, members in by_keys.items():
+        rows = [pad if t < 0 else t for _, _, r in members for t in r]
+        slot_ids = [slot for slot, _, _ in members]
+        contiguous = slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids)))
+        query_pos = torch.tensor([[first + j for j in range(tile_rows)] for _, first, _ in members])
+        mask = torch.arange(keys).view(1, 1, keys) <= query_pos.unsqueeze(-1)
+        groups.append(
+            AttentionGroup(
+                rows=torch.tensor(rows, device=device),
+                slots=slice(slot_ids[0], slot_ids[-1] + 1)
+                if contiguous
+                else torch.tensor(slot_ids, device=device),
+                keys=keys,
+                mask=mask.unsqueeze(1).to(device),
+            )
+        )
+    return groups
 
 
 class ModelRunner:
@@ -204,6 +260,7 @@ class ModelRunner:
         lm_head: str = "auto",
         prefix_cache_mb: float = 0,
         prefix_block_tokens: int = 16,
+        batch_invariant: bool = True,
     ) -> None:
         cfg = model.config
         arch = ARCHITECTURES.get(cfg.model_type)
@@ -223,15 +280,18 @@ class ModelRunner:
         if not self.dtype.is_floating_point:  # packed int weights first; use the embeddings' dtype
             self.dtype = model.get_input_embeddings().weight.dtype
         layers = model.model.layers
+        self.batch_invariant = batch_invariant
+        fuse = partial(fuse_projections, tile_rows=QUERY_TILE if batch_invariant else None)
         self.qkv: list[Projection] = [
-            fuse_projections([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
-            for b in layers
+            fuse([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in layers
         ]
-        self.gate_up: list[Projection] = [
-            fuse_projections([b.mlp.gate_proj, b.mlp.up_proj]) for b in layers
-        ]
+        self.o_proj: list[Projection] = [fuse([b.self_attn.o_proj]) for b in layers]
+        self.gate_up: list[Projection] = [fuse([b.mlp.gate_proj, b.mlp.up_proj]) for b in layers]
+        self.down: list[Projection] = [fuse([b.mlp.down_proj]) for b in layers]
         head_dtype = lm_head_dtype(lm_head, self.dtype)
-        self._lm_head = output_projection(model.lm_head, head_dtype, self.device, max_slots)
+        self._lm_head, self.lm_head_path = output_projection(
+            model.lm_head, head_dtype, self.device, max_slots
+        )
         self.cache = SlotKVCache(
             cfg.num_hidden_layers,
             max_slots,
@@ -249,6 +309,24 @@ class ModelRunner:
     @property
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    def reset(self, forget_prefixes: bool = False) -> None:
+        """Empty every slot (after a warm-up or a failed step); optionally the prefix cache."""
+        self.cache.lengths = [0] * self.cache.slots
+        if forget_prefixes:
+            self.prefix_cache.clear()
+
+    def release(self, slot: int) -> None:
+        """Free a slot; its KV is overwritten by the next prefill there."""
+        self.cache.lengths[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Move a sequence's KV from slot `src` to `dst` (keeps running slots 0..n-1)."""
+        self.cache.move(src, dst)
 
     def _attention(
         self,
@@ -273,43 +351,29 @@ class ModelRunner:
         kc, vc = self.cache.k[i], self.cache.v[i]
         self.cache.write(kc, index, k)
         self.cache.write(vc, index, v)
-        gqa = self.kv_heads != self.n_heads
-        if at.segments is not None:
-            out = torch.cat([self._segment_attention(q, k, v, kc, vc, g) for g in at.segments], 2)
-        else:
-            keys = at.mask.shape[-1]
-            k, v = kc[at.cached, :, :keys], vc[at.cached, :, :keys]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask, enable_gqa=gqa)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        out = self._cached_attention(q.transpose(1, 2).reshape(b * s, self.n_heads, -1), kc, vc, at)
+        return self.o_proj[i](out.view(b, s, -1))[0]
 
-    def _segment_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kc: torch.Tensor,
-        vc: torch.Tensor,
-        g: Segment,
+    def _cached_attention(
+        self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, at: StepLayout
     ) -> torch.Tensor:
-        run = slice(g.start, g.start + g.length)
+        """q: (tokens, heads, head_dim), its keys already written to the cache. Each group of
+        query tiles is one SDPA call over its slots' first `keys` cached keys."""
+        tokens, heads, hd = q.shape
+        padded = torch.cat([q, q.new_zeros(1, heads, hd)])  # row `tokens`: padding queries
+        out = q.new_empty(tokens + 1, heads, hd)
         gqa = self.kv_heads != self.n_heads
-        if not g.cached:  # fresh prompt: its own K/V, the fast causal path
-            return F.scaled_dot_product_attention(
-                q[:, :, run], k[:, :, run], v[:, :, run], is_causal=True, enable_gqa=gqa
-            )
-        span = g.cached + g.length  # the cached prefix, then this segment (already written)
-        mask = torch.ones(g.length, span, dtype=torch.bool, device=q.device).tril(g.cached)
-        return F.scaled_dot_product_attention(
-            q[:, :, run],
-            kc[g.slot : g.slot + 1, :, :span],
-            vc[g.slot : g.slot + 1, :, :span],
-            attn_mask=mask,
-            enable_gqa=gqa,
-        )
+        for g in at.groups:
+            tiles = g.mask.shape[0]
+            qg = padded[g.rows].view(tiles, at.tile_rows, heads, hd).transpose(1, 2)
+            kg, vg = kc[g.slots, :, : g.keys], vc[g.slots, :, : g.keys]
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=gqa)
+            out.index_copy_(0, g.rows, og.transpose(1, 2).reshape(-1, heads, hd))
+        return out[:tokens].reshape(tokens, heads * hd)
 
     def _mlp(self, layer: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[i](h)
-        return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return self.down[i](layer.mlp.act_fn(gate) * up)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._lm_head(h).float()
@@ -325,7 +389,7 @@ class ModelRunner:
             attn_in = rms_norm(layer.input_layernorm, h)
             h = h + self._attention(layer, i, attn_in, cos, sin, at, index)
             h = h + self._mlp(layer, i, rms_norm(layer.post_attention_layernorm, h))
-        h = h[:, -1] if at.last is None else h.reshape(-1, h.shape[-1])[at.last]
+        h = h.reshape(-1, h.shape[-1])[at.last]
         return self._logits(rms_norm(inner.norm, h))
 
     def prefill(self, first_slot: int, prompts: list[list[int]], chunk: int = 512) -> torch.Tensor:
@@ -354,58 +418,46 @@ class ModelRunner:
     def _prefill_packed(
         self, first_slot: int, prompts: list[list[int]], cached: list[int]
     ) -> torch.Tensor:
-        dev = self.device
-        new = [p[c:] for p, c in zip(prompts, cached, strict=True)]
-        segments, start = [], 0
-        for row, (part, c) in enumerate(zip(new, cached, strict=True)):
-            segments.append(Segment(start, len(part), first_slot + row, c))
-            start += len(part)
-        at = StepLayout(
-            slot=torch.tensor([[g.slot for g in segments for _ in range(g.length)]], device=dev),
-            pos=torch.tensor(
-                [[c + j for g, c in zip(segments, cached, strict=True) for j in range(g.length)]],
-                device=dev,
-            ),
-            cached=None,
-            mask=None,
-            segments=segments,
-            last=torch.tensor([g.start + g.length - 1 for g in segments], device=dev),
-        )
-        ids = torch.tensor([[t for part in new for t in part]], device=dev)
-        return self._forward(ids, at)
+        """All prompts' new tokens as one row; each token attends to its own slot only."""
+        slots, positions, last = [], [], []
+        for row, (p, c) in enumerate(zip(prompts, cached, strict=True)):
+            slots += [first_slot + row] * (len(p) - c)
+            positions += range(c, len(p))
+            last.append(len(positions) - 1)
+        new = [t for p, c in zip(prompts, cached, strict=True) for t in p[c:]]
+        return self._forward_tokens(new, slots, positions, QUERY_TILE, last)
 
     def _prefill_chunked(self, slot: int, ids: list[int], start: int, chunk: int) -> torch.Tensor:
-        dev = self.device
         logits = None
         for off in range(start, len(ids), chunk):
-            part = torch.tensor([ids[off : off + chunk]], device=dev)  # (1, n)
-            n = part.shape[1]
-            pos = torch.arange(off, off + n, device=dev).unsqueeze(0)
-            keys = torch.arange(off + n, device=dev)
-            at = StepLayout(
-                slot=torch.full_like(pos, slot),
-                pos=pos,
-                mask=(keys.unsqueeze(0) <= pos[0].unsqueeze(1)).view(1, 1, n, off + n),
-                cached=slice(slot, slot + 1),
-                last=None,
-            )
-            logits = self._forward(part, at)
+            part = ids[off : off + chunk]
+            n = len(part)
+            logits = self._forward_tokens(part, [slot] * n, list(range(off, off + n)),
+                                          QUERY_TILE, [n - 1])  # fmt: skip
         return logits
+
+    def _forward_tokens(
+        self, ids: list[int], slots: list[int], positions: list[int], tile_rows: int,
+        last: list[int],
+    ) -> torch.Tensor:  # fmt: skip
+        """One forward over tokens given flat (one row), returning the logits at `last`."""
+        dev = self.device
+        at = StepLayout(
+            slot=torch.tensor([slots], device=dev),
+            pos=torch.tensor([positions], device=dev),
+            groups=plan_attention(
+                slots, positions, tile_rows, self.max_len, dev, self.batch_invariant
+            ),
+            tile_rows=tile_rows,
+            last=torch.tensor(last, device=dev),
+        )
+        return self._forward(torch.tensor([ids], device=dev), at)
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """One step for slots 0..len(tokens)-1, each fed its last token. Returns (n, vocab)."""
         n = len(tokens)
-        dev = self.device
-        lengths = torch.tensor(self.cache.lengths[:n], device=dev)
-        keys = torch.arange(int(lengths.max()) + 1, device=dev)
-        at = StepLayout(
-            slot=torch.arange(n, device=dev).unsqueeze(1),
-            pos=lengths.unsqueeze(1),
-            mask=(keys.unsqueeze(0) <= lengths.unsqueeze(1)).view(n, 1, 1, len(keys)),
-            cached=slice(0, n),
-            last=None,
-        )
-        logits = self._forward(torch.tensor(tokens, device=dev).unsqueeze(1), at)
+        positions = self.cache.lengths[:n]
+        logits = self._forward_tokens(tokens, list(range(n)), positions, 1, list(range(n)))
         for i in range(n):
             self.cache.lengths[i] += 1
         return logits

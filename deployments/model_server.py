@@ -48,6 +48,7 @@ class ModelServer:
                 cpu_threads=max(1, int(config.num_cpus)),
                 lm_head_dtype=config.lm_head_dtype,
                 prefix_cache_mb=config.prefix_cache_mb,
+                batch_invariant=config.batch_invariant,
             ),
             on_step=self._on_step,
         )
@@ -131,6 +132,7 @@ class ModelServer:
             "waiting": stats.waiting,
             "healthy": self.engine.healthy,
             "memory_mb": resident_memory_mb(),
+            "hardware": self.engine.hardware,
             # Which Ray node holds this replica: shows spread placement and what a node loss takes.
             "node_id": ray.get_runtime_context().get_node_id(),
         }

@@ -61,12 +61,11 @@ async def generate(engine: Engine, request_id: str, prompt: list[int], params: S
     return "".join(text), final
 
 
-def test_greedy_output_in_a_busy_batch_equals_output_alone(fp32_engine: Engine) -> None:
-    """Token for token, on the FP32 model. Batch-mates change the attention span, and with it
-    the order of float sums (~1e-7); the AWQ kernels' bf16 activations can blow that up into a
-    different greedy token at a near tie, so for AWQ test_model_runner compares distributions
-    (vLLM's tests do the same with logprobs)."""
-    engine = fp32_engine
+@pytest.mark.parametrize("which", ["engine", "fp32_engine"])
+def test_greedy_output_in_a_busy_batch_equals_output_alone(which: str, request) -> None:
+    """Token for token, on the AWQ and the FP32 model: a request's greedy answer does not depend
+    on its batch-mates or on when it joined the running batch (batch-invariant kernels)."""
+    engine = request.getfixturevalue(which)
     greedy = SamplingParams(max_tokens=24, temperature=0.0)
 
     async def alone() -> list[str]:

@@ -22,10 +22,10 @@ TEXTS = [
 
 
 def assert_same_prediction(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Same next-token distribution. Paths that differ in attention span or masking move bf16
-    roundings (~0.2 in a logit); a misplaced key or position changes the distribution outright."""
-    torch.testing.assert_close(got.softmax(-1), want.softmax(-1), atol=0.02, rtol=0)
-    assert int(got.argmax()) == int(want.argmax())
+    """Bit-equal logits: every way of computing a token (packed, chunked, from cached blocks)
+    runs the same fixed-shape calls, so a misplaced key or position and a batch-variant sum
+    alike show up as a difference."""
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,9 @@ def test_prepacked_output_projection_computes_the_plain_linear() -> None:
     head = nn.Linear(64, 1000, bias=False)
     h = torch.randn(5, 64)
     want = nn.functional.linear(h, head.weight).detach()
-    exact = output_projection(head, torch.float32, torch.device("cpu"), batch_hint=16)
+    exact, path = output_projection(head, torch.float32, torch.device("cpu"), batch_hint=16)
+    assert path in {"onednn prepacked float32", "linear float32"}
     torch.testing.assert_close(exact(h), want, atol=1e-5, rtol=1e-5)
-    half = output_projection(head, torch.bfloat16, torch.device("cpu"), batch_hint=16)
+    half, _ = output_projection(head, torch.bfloat16, torch.device("cpu"), batch_hint=16)
     assert half(h).dtype == torch.bfloat16
     torch.testing.assert_close(half(h).float(), want, atol=0.05, rtol=0.02)
