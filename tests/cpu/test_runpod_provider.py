@@ -319,16 +319,26 @@ def test_internal_ip_falls_back_to_the_private_runtime_address_without_global_ne
     assert provider.internal_ip(node_id) == fake.pods[node_id].host_ip
 
 
+AUTH = {"ssh_user": "root", "ssh_private_key": "~/.ssh/id_ed25519"}
+
+
+def launch_with_ssh_entry(
+    provider: RunPodNodeProvider, fake: FakeRunPodAPI
+) -> tuple[str, dict[str, Any]]:
+    """A launched pod and its runtime.ports entry for port 22."""
+    [node_id] = launch(provider)
+    [ssh] = [port for port in fake.pods[node_id].runtime_ports() if port["privatePort"] == 22]
+    return node_id, ssh
+
+
 def test_ssh_over_the_public_ip_uses_the_port_runpod_maps_to_22(
     provider: RunPodNodeProvider, fake: FakeRunPodAPI
 ) -> None:
-    [node_id] = launch(provider)
-    [ssh] = [port for port in fake.pods[node_id].runtime_ports() if port["privatePort"] == 22]
-    auth = {"ssh_user": "root", "ssh_private_key": "~/.ssh/id_ed25519"}
+    node_id, ssh = launch_with_ssh_entry(provider, fake)
 
-    public = provider.get_command_runner("", node_id, auth, CLUSTER, subprocess, False)
+    public = provider.get_command_runner("", node_id, AUTH, CLUSTER, subprocess, False)
     public._set_ssh_ip_if_required()
-    private = provider.get_command_runner("", node_id, auth, CLUSTER, subprocess, True)
+    private = provider.get_command_runner("", node_id, AUTH, CLUSTER, subprocess, True)
     private._set_ssh_ip_if_required()
 
     assert public.ssh_ip == provider.external_ip(node_id) == ssh["ip"]
@@ -351,11 +361,9 @@ class RecordingProcessRunner:
 def test_initialization_commands_ssh_to_the_mapped_port_too(
     provider: RunPodNodeProvider, fake: FakeRunPodAPI
 ) -> None:
-    [node_id] = launch(provider)
-    [ssh] = [port for port in fake.pods[node_id].runtime_ports() if port["privatePort"] == 22]
-    auth = {"ssh_user": "root", "ssh_private_key": "~/.ssh/id_ed25519"}
+    node_id, ssh = launch_with_ssh_entry(provider, fake)
     recorder = RecordingProcessRunner()
-    runner = provider.get_command_runner("", node_id, auth, CLUSTER, recorder, False)
+    runner = provider.get_command_runner("", node_id, AUTH, CLUSTER, recorder, False)
 
     # Ray's updater runs initialization_commands with fresh SSH options built from this key.
     runner.run("echo init", with_output=True, ssh_options_override_ssh_key="~/.ssh/other")
