@@ -4,7 +4,9 @@ Use it from a cluster YAML as
 ``provider: {type: external, module: cluster.runpod.RunPodNodeProvider}``. Pods are created,
 listed and terminated through RunPod's GraphQL API with the query documents of the official
 ``runpod`` SDK, at the URL the SDK uses (``RUNPOD_API_BASE_URL``, default
-``https://api.runpod.io``). Node tags live on the pod as JSON in its ``RAY_NODE_TAGS`` env var.
+``https://api.runpod.io``). The tags a pod is launched with live on the pod as JSON in its
+``RAY_NODE_TAGS`` env var (they identify the cluster's pods from anywhere); tags Ray sets later
+(node status, config hashes) go to a state file where the provider runs (`cluster.tag_store`).
 
 Addresses:
 - ``internal_ip``: the pod's RunPod global-networking address, found by resolving
@@ -12,7 +14,11 @@ Addresses:
   ``global_networking: true``). Where that name does not resolve, the fallback is the ``ip`` of a
   ``runtime.ports`` entry with ``isIpPublic: false``, which only the pod's own host can reach.
 - ``external_ip``: the ``ip`` of the public ``runtime.ports`` entry for port 22 (any public entry
-  if 22 is not exposed); SSH goes to the public port RunPod maps to 22.
+  if 22 is not exposed); SSH goes to the public port RunPod maps to 22, on every path Ray takes
+  (commands, ``initialization_commands`` with their own SSH options, rsync, port forwards).
+
+Node configs are checked when the cluster config loads (``bootstrap_config``, run by ``ray up``)
+and again before each launch: a bad field is an error naming it, not a failed launch.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any, TypeVar
 
 import requests
 from pydantic import BaseModel, ConfigDict, Field
-from ray.autoscaler._private.command_runner import SSHCommandRunner
+from ray.autoscaler._private.command_runner import SSHCommandRunner, SSHOptions
 from ray.autoscaler.command_runner import CommandRunnerInterface
 from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.node_provider import NodeProvider
@@ -46,6 +52,8 @@ from runpod.api.queries.pods import QUERY_POD
 from runpod.error import AuthenticationError, QueryError
 from runpod.user_agent import USER_AGENT
 
+from cluster.tag_store import TagStore, default_state_path
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -55,6 +63,16 @@ API_BASE_URL_ENV_VAR = "RUNPOD_API_BASE_URL"  # the variable runpod.api.graphql 
 DEFAULT_API_BASE_URL = "https://api.runpod.io"
 CLOUD_TYPES = ("ALL", "SECURE", "COMMUNITY")
 SSH_PORT = 22
+DASHBOARD_PORT = 8265
+# Where `ray up` runs: a narrower key for the head (see prepare_for_head_node).
+HEAD_API_KEY_ENV_VAR = "RUNPOD_HEAD_API_KEY"
+# Launch tag: the pod was created with global networking, so only its private DNS name counts.
+TAG_GLOBAL_NETWORKING = "runpod-global-networking"
+# The value configs/cluster/runpod.yaml ships for what each user must choose (image, data centre,
+# network volume): refused by name when the config loads.
+PLACEHOLDER = "CHANGE_ME"
+# RunPod data-centre ids look like US-KS-2, EU-RO-1, EUR-IS-1.
+DATA_CENTER_ID = re.compile(r"^[A-Z]{2,3}-[A-Z]{2,4}-[0-9]+$")
 
 # node_config keys are the SDK's pod-creation parameters (minus the name, which the provider
 # chooses) plus `global_networking`, which the SDK's mutation builder does not offer.
@@ -98,6 +116,17 @@ class RunPodProviderSettings(BaseModel):
     internal_dns_suffix: str = Field(
         default="runpod.internal",
         description="Private DNS zone of RunPod global networking; '' skips the DNS lookup.",
+    )
+    dns_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a running pod's private DNS name may take to appear before it is "
+        "reported as an error (Ray's own wait for the node's IP then gives up on the pod).",
+    )
+    state_path: str | None = Field(
+        default=None,
+        description="State file of tags set after launch (default: "
+        "~/.ray/runpod/<cluster>.tags.json).",
     )
 
 
@@ -167,29 +196,89 @@ def _public_ssh_entry(pod: Mapping[str, Any]) -> dict[str, Any] | None:
     return (ssh or public or [None])[0]
 
 
+def check_node_config(node_config: Mapping[str, Any], where: str = "node_config") -> None:
+    """Raise ValueError naming the field (`where` is its path) if RunPod would refuse the pod or
+    the cluster could not work on it; nothing is sent to RunPod."""
+    for key, value in node_config.items():
+        if value == PLACEHOLDER:
+            raise ValueError(
+                f"{where}.{key}: still {PLACEHOLDER}; set it for your account (README: Deploy on "
+                "RunPod)"
+            )
+    unknown = set(node_config) - NODE_CONFIG_KEYS
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown RunPod keys {sorted(unknown)}; allowed keys: "
+            f"{sorted(NODE_CONFIG_KEYS)}"
+        )
+    if not node_config.get("image_name") and not node_config.get("template_id"):
+        raise ValueError(f"{where}: needs image_name or template_id")
+    cloud_type = node_config.get("cloud_type", "ALL")
+    if cloud_type not in CLOUD_TYPES:
+        raise ValueError(f"{where}.cloud_type: {cloud_type!r} is not one of {CLOUD_TYPES}")
+    data_center = node_config.get("data_center_id")
+    if data_center is not None and not DATA_CENTER_ID.match(str(data_center)):
+        raise ValueError(
+            f"{where}.data_center_id: {data_center!r} is not a RunPod data-centre id "
+            "(like US-KS-2 or EU-RO-1)"
+        )
+    if node_config.get("network_volume_id") and data_center is None:
+        raise ValueError(
+            f"{where}.data_center_id: required with network_volume_id (a network volume lives in "
+            "one data centre, and a pod can only mount it there)"
+        )
+    if node_config.get("global_networking"):
+        if node_config.get("gpu_type_id") is None:
+            raise ValueError(
+                f"{where}.global_networking: needs gpu_type_id: RunPod offers global networking "
+                "on NVIDIA GPU pods only"
+            )
+        if cloud_type != "SECURE":
+            raise ValueError(
+                f"{where}.cloud_type: must be SECURE with global_networking (got {cloud_type!r}): "
+                "RunPod offers global networking on Secure Cloud pods only"
+            )
+        if data_center is None:
+            raise ValueError(
+                f"{where}.data_center_id: required with global_networking: only some data "
+                "centres offer it (console → Deploy → Global Networking filter), and every node "
+                "of the cluster should be in the same one"
+            )
+    for port in str(node_config.get("ports") or "").split(","):
+        if port.strip().partition("/")[0] == str(DASHBOARD_PORT):
+            raise ValueError(
+                f"{where}.ports: {port.strip()!r} would publish the Ray dashboard (which can "
+                "submit jobs that run as root next to the RunPod API key) on RunPod's public "
+                "proxy; reach it with `ray dashboard <cluster.yaml>` (an SSH tunnel) instead"
+            )
+
+
+def check_cluster_config(config: Mapping[str, Any]) -> None:
+    """check_node_config on every node type of a cluster config, naming the node type, and the
+    data centre shared by all global-networking node types."""
+    centres = {}
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        node_config = node_type.get("node_config") or {}
+        check_node_config(node_config, f"available_node_types.{name}.node_config")
+        if node_config.get("global_networking"):
+            centres[name] = node_config.get("data_center_id")
+    if len(set(centres.values())) > 1:
+        raise ValueError(
+            f"available_node_types.*.node_config.data_center_id: global-networking node types "
+            f"are in different data centres {centres}; put them in one, where the network is "
+            "fast and a shared network volume can be mounted"
+        )
+
+
 def pod_mutation(
     node_config: Mapping[str, Any], name: str, tags: Mapping[str, str]
 ) -> tuple[str, str]:
     """The GraphQL mutation that creates one pod, and the name of its result field."""
+    check_node_config(node_config)
     params = dict(node_config)
-    unknown = set(params) - NODE_CONFIG_KEYS
-    if unknown:
-        raise ValueError(
-            f"unknown RunPod node_config keys {sorted(unknown)}; "
-            f"allowed keys: {sorted(NODE_CONFIG_KEYS)}"
-        )
     global_networking = bool(params.pop("global_networking", False))
     gpu_type_id = params.get("gpu_type_id")
-    if not params.get("image_name") and not params.get("template_id"):
-        raise ValueError("RunPod node_config needs image_name or template_id")
-    cloud_type = params.setdefault("cloud_type", "ALL")
-    if cloud_type not in CLOUD_TYPES:
-        raise ValueError(f"node_config cloud_type {cloud_type!r} is not one of {CLOUD_TYPES}")
-    if global_networking and gpu_type_id is None:
-        raise ValueError(
-            "node_config global_networking needs gpu_type_id: RunPod offers global networking "
-            "on NVIDIA GPU pods only"
-        )
+    params.setdefault("cloud_type", "ALL")
     if gpu_type_id is None:
         params.pop("gpu_count", None)
     else:
@@ -212,14 +301,38 @@ def pod_mutation(
     return ("podFindAndDeployOnDemand" if gpu_type_id else "deployCpuPod"), mutation
 
 
-class _PublicPortSSHCommandRunner(SSHCommandRunner):
-    """SSH to a pod's public IP on the public port RunPod maps to the pod's port 22."""
+class PublicPortSSHCommandRunner(SSHCommandRunner):
+    """SSH to a pod's public IP on the public port RunPod maps to the pod's port 22.
+
+    Ray builds SSH options in two places: the runner's own (commands, rsync, port forwards) and,
+    for `initialization_commands`, fresh options from `ssh_options_override_ssh_key`. Both get
+    the port here; so does the `ssh` line Ray prints for the user.
+    """
+
+    ssh_port: int | None = None
 
     def _set_ssh_ip_if_required(self) -> None:
         super()._set_ssh_ip_if_required()
-        port = self.provider.public_ssh_port(self.node_id)
-        if port is not None:
-            self.ssh_options.arg_dict["Port"] = port
+        if self.ssh_port is None:
+            self.ssh_port = self.provider.public_ssh_port(self.node_id)
+        if self.ssh_port is not None:
+            self.ssh_options.arg_dict["Port"] = self.ssh_port
+
+    def run(self, cmd: str | None = None, *args: Any, **kwargs: Any) -> str:
+        override_key = kwargs.pop("ssh_options_override_ssh_key", "")
+        if not override_key:
+            return super().run(cmd, *args, **kwargs)
+        self._set_ssh_ip_if_required()
+        options = SSHOptions(override_key, ProxyCommand=self.ssh_proxy_command, Port=self.ssh_port)
+        saved, self.ssh_options = self.ssh_options, options
+        try:
+            return super().run(cmd, *args, **kwargs)
+        finally:
+            self.ssh_options = saved
+
+    def remote_shell_command_str(self) -> str:
+        command = super().remote_shell_command_str()
+        return command.replace("ssh ", f"ssh -p {self.ssh_port} ", 1) if self.ssh_port else command
 
 
 class RunPodNodeProvider(NodeProvider):
@@ -237,9 +350,18 @@ class RunPodNodeProvider(NodeProvider):
         self._api_key = api_key
         self._lock = threading.RLock()
         self._pods: dict[str, dict[str, Any]] = {}
-        # RunPod cannot change a pod's env without restarting it, so tag updates stay here.
-        self._tag_updates: dict[str, dict[str, str]] = {}
+        # RunPod cannot change a pod's env without restarting it: tag updates go to a file.
+        state_path = self.settings.state_path or default_state_path(cluster_name)
+        self._tags = TagStore(state_path)
         self._internal_ips: dict[str, str] = {}
+        self._dns_first_try: dict[str, float] = {}
+
+    @staticmethod
+    def bootstrap_config(cluster_config: dict[str, Any]) -> dict[str, Any]:
+        """Called by `ray up` when it loads the config: every node type is checked here, so a
+        bad field fails in a second with its name instead of as a failed launch minutes later."""
+        check_cluster_config(cluster_config)
+        return cluster_config
 
     # --- Ray NodeProvider interface -------------------------------------------------------
 
@@ -261,14 +383,13 @@ class RunPodNodeProvider(NodeProvider):
     def node_tags(self, node_id: str) -> dict[str, str]:
         """Tags stored on the pod at creation, updated by set_node_tags."""
         pod = self._pod(node_id)
-        stored = decode_tags(pod.get("env")) if pod else None
-        with self._lock:
-            return {**(stored or {}), **self._tag_updates.get(node_id, {})}
+        if pod is None:
+            return {}
+        return {**(decode_tags(pod.get("env")) or {}), **self._tags.get(node_id)}
 
     def set_node_tags(self, node_id: str, tags: dict[str, str]) -> None:
-        """Merge tags into the node's tags (kept in this process)."""
-        with self._lock:
-            self._tag_updates.setdefault(node_id, {}).update(tags)
+        """Merge tags into the node's tags, persisted in the state file."""
+        self._tags.update(node_id, tags)
 
     def external_ip(self, node_id: str) -> str | None:
         """Public IP of the pod's SSH port mapping; None until the pod runs."""
@@ -285,11 +406,16 @@ class RunPodNodeProvider(NodeProvider):
         if pod is None:
             return None
         suffix = self.settings.internal_dns_suffix
-        address = resolve_ipv4(f"{node_id}.{suffix}") if suffix else None
+        address = self._resolve(f"{node_id}.{suffix}") if suffix else None
         if address:
             with self._lock:
                 self._internal_ips[node_id] = address
             return address
+        if (decode_tags(pod.get("env")) or {}).get(TAG_GLOBAL_NETWORKING) == "true":
+            # RunPod's DNS learns a new pod's name a little after the pod runs; the host address
+            # below is unreachable from other pods, so wait (Ray polls until its own deadline).
+            self._note_dns_wait(node_id)
+            return None
         private = [port for port in _runtime_ports(pod) if not port.get("isIpPublic")]
         return private[0]["ip"] if private else None
 
@@ -304,6 +430,8 @@ class RunPodNodeProvider(NodeProvider):
     ) -> dict[str, dict[str, Any]]:
         """Create count pods; if one fails, terminate those already created, then raise."""
         tags = {**tags, TAG_RAY_CLUSTER_NAME: self.cluster_name}
+        if node_config.get("global_networking"):
+            tags[TAG_GLOBAL_NETWORKING] = "true"
         node_type = tags.get(TAG_RAY_USER_NODE_TYPE) or tags.get(TAG_RAY_NODE_KIND) or "node"
         token = uuid.uuid4().hex[:8]
         pod_mutation(node_config, pod_name(self.cluster_name, node_type, token), tags)  # validate
@@ -338,8 +466,9 @@ class RunPodNodeProvider(NodeProvider):
             logger.info("RunPod pod %s was already gone", node_id)
         with self._lock:
             self._pods.pop(node_id, None)
-            self._tag_updates.pop(node_id, None)
             self._internal_ips.pop(node_id, None)
+            self._dns_first_try.pop(node_id, None)
+        self._tags.forget([node_id])
 
     def terminate_nodes(self, node_ids: list[str]) -> None:
         """Terminate every pod in node_ids; raise afterwards if any could not be terminated."""
@@ -370,7 +499,7 @@ class RunPodNodeProvider(NodeProvider):
                 use_internal_ip,
                 docker_config,
             )
-        return _PublicPortSSHCommandRunner(
+        return PublicPortSSHCommandRunner(
             log_prefix=log_prefix,
             node_id=node_id,
             provider=self,
@@ -381,10 +510,46 @@ class RunPodNodeProvider(NodeProvider):
         )
 
     def prepare_for_head_node(self, cluster_config: dict[str, Any]) -> dict[str, Any]:
-        """Give the head our API key: inside a pod RUNPOD_API_KEY is a pod-scoped key."""
+        """Give the head a RunPod key (inside a pod RUNPOD_API_KEY is a pod-scoped key that
+        cannot launch pods): RUNPOD_HEAD_API_KEY where `ray up` runs, else the launching key.
+
+        The head's autoscaler only lists, creates and terminates pods, so the head key should be
+        a Restricted key with GraphQL Read/Write and no Serverless access (RunPod cannot scope a
+        key to pods alone); the account's full key then never leaves the user's machine.
+        """
         provider = dict(cluster_config["provider"])
-        provider["api_key"] = provider.get("api_key") or self._api_key
+        head_key = os.environ.get(HEAD_API_KEY_ENV_VAR)
+        if not head_key and not provider.get("api_key"):
+            logger.warning(
+                "%s is not set: the head gets the key `ray up` runs with; create a Restricted "
+                "key (GraphQL Read/Write only) for it",
+                HEAD_API_KEY_ENV_VAR,
+            )
+        provider["api_key"] = head_key or provider.get("api_key") or self._api_key
         return {**cluster_config, "provider": provider}
+
+    # --- addresses ------------------------------------------------------------------------
+
+    def _resolve(self, host: str) -> str | None:
+        """The pod's private address; a method so a test double can answer for RunPod's DNS."""
+        return resolve_ipv4(host)
+
+    def _note_dns_wait(self, node_id: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            first = self._dns_first_try.setdefault(node_id, now)
+        waited = now - first
+        if waited > self.settings.dns_timeout_s:
+            with self._lock:  # once per timeout, not on every autoscaler update
+                self._dns_first_try[node_id] = now
+            logger.error(
+                "RunPod pod %s has run for %.0fs without %s.%s resolving: is global networking "
+                "offered in its data centre (node_config.data_center_id)?",
+                node_id,
+                waited,
+                node_id,
+                self.settings.internal_dns_suffix,
+            )
 
     # --- RunPod API -----------------------------------------------------------------------
 

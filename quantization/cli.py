@@ -54,12 +54,18 @@ def _ray_session() -> Iterator[None]:
             ray.shutdown()
 
 
-def _run(specs: list, registry: Registry, publish: bool = True) -> int:
+def _run(
+    specs: list,
+    registry: Registry,
+    publish: bool = True,
+    gpus: float | None = None,
+    cpus: float | None = None,
+) -> int:
     from quantization.pipeline import run_jobs
 
     try:
         with _ray_session():
-            results = run_jobs(specs, registry, publish=publish)
+            results = run_jobs(specs, registry, publish=publish, gpus=gpus, cpus=cpus)
     except KeyboardInterrupt:
         print("interrupted: tasks cancelled, nothing published", file=sys.stderr)
         return 130
@@ -88,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo model present: {registry.path(*registry.resolve(DEMO_NAME))}")
         return 0
     spec = JobSpec(DEMO_SOURCE, DEMO_NAME, load_recipe(args.recipe), publish_fp16=True)
-    return _run([spec], registry)
+    return _run([spec], registry, gpus=args.gpus, cpus=args.cpus)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -104,7 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             )
         name = args.name or Path(args.model.rstrip("/")).name.lower()
         specs.append(JobSpec(args.model, name, recipe, publish_fp16=args.publish_fp16))
-    return _run(specs, _registry(args), publish=not args.no_publish)
+    return _run(specs, _registry(args), not args.no_publish, args.gpus, args.cpus)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -175,6 +181,21 @@ def _percents(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
 
 
+def _add_resource_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpus",
+        type=float,
+        help="GPUs per AWQ/eval task; 0: on CPU (default: 1 "
+        "if the cluster has a GPU or a GPU node type the autoscaler can add)",
+    )
+    p.add_argument(
+        "--cpus",
+        type=float,
+        help="CPUs per task (default with --gpus 0: the most "
+        "CPUs free on one node, never the cluster total)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="awq-serve", description=__doc__)
     p.add_argument("--registry", default=str(DEFAULT_ROOT), help="model registry root")
@@ -183,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the embedded demo model (offline)")
     demo.add_argument("--recipe", default=DEMO_RECIPE)
     demo.add_argument("--force", action="store_true", help="rebuild even if present")
+    _add_resource_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     q = sub.add_parser("quantize", help="quantize, evaluate, gate and publish a model")
@@ -192,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--name", help="registry name (default: the folder name)")
     q.add_argument("--no-publish", action="store_true", help="evaluate and report only")
     q.add_argument("--publish-fp16", action="store_true", help="also store the FP16 source")
+    _add_resource_options(q)
     q.set_defaults(func=cmd_quantize)
 
     ls = sub.add_parser("list", help="registry contents")

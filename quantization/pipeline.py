@@ -44,11 +44,20 @@ class JobResult:
     report_md: str = ""
 
 
-def _resources() -> dict[str, float]:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    return (
-        {"num_gpus": 1} if gpus >= 1 else {"num_cpus": max(1, int(ray.cluster_resources()["CPU"]))}
-    )
+def _resources(gpus: float | None = None, cpus: float | None = None) -> dict[str, float]:
+    """What each AWQ and evaluation task asks Ray for; every request fits one node.
+
+    gpus None: 1 when the cluster has a GPU or can add one (a GPU node type), so on an
+    autoscaling cluster the pending task makes the autoscaler launch a GPU node. gpus 0: a CPU
+    task with `cpus` CPUs, by default the most CPUs free on one node (never the cluster total).
+    """
+    from cluster.resources import cluster_has_gpus, cpus_fitting_one_node
+
+    if gpus is None:
+        gpus = 1 if cluster_has_gpus() else 0
+    if gpus > 0:
+        return {"num_gpus": gpus, **({"num_cpus": cpus} if cpus is not None else {})}
+    return {"num_cpus": cpus if cpus is not None else cpus_fitting_one_node()}
 
 
 def _use_assigned_cpus() -> None:
@@ -117,9 +126,11 @@ class _Branch:
     evaluation: ray.ObjectRef
 
 
-def _submit(specs: list[JobSpec], cache: str) -> list[_Branch]:
+def _submit(
+    specs: list[JobSpec], cache: str, gpus: float | None = None, cpus: float | None = None
+) -> list[_Branch]:
     """Bind every job's tasks; jobs on the same source share one prepare task."""
-    res = _resources()
+    res = _resources(gpus, cpus)
     prepared: dict[str, ray.ObjectRef] = {}
     branches = []
     for spec in specs:
@@ -154,14 +165,22 @@ def _cancel(branches: list[_Branch], cache: Path, grace_s: float = 10.0) -> None
     steps.remove_dead_temps(cache)
 
 
-def run_jobs(specs: list[JobSpec], registry: Registry, publish: bool = True) -> list[JobResult]:
+def run_jobs(
+    specs: list[JobSpec],
+    registry: Registry,
+    publish: bool = True,
+    gpus: float | None = None,
+    cpus: float | None = None,
+) -> list[JobResult]:
     """Run every job's graph; branches run in parallel as far as resources allow.
+
+    `gpus`/`cpus`: what each AWQ and evaluation task asks for (see `_resources`).
 
     A failed step raises `PipelineError`; a failure or an interrupt (Ctrl-C, `ray job stop`)
     cancels the remaining tasks first, so no step output is left half-written.
     """
     cache = registry.root / ".cache"
-    branches = _submit(specs, str(cache))
+    branches = _submit(specs, str(cache), gpus, cpus)
     results = []
     try:
         for branch in branches:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,14 @@ from ray.autoscaler.tags import (
     TAG_RAY_CLUSTER_NAME,
     TAG_RAY_NODE_KIND,
     TAG_RAY_NODE_STATUS,
+    TAG_RAY_RUNTIME_CONFIG,
     TAG_RAY_USER_NODE_TYPE,
 )
 from runpod.error import AuthenticationError
 
 import cluster.runpod as provider_module
 from cluster.runpod import (
+    TAG_GLOBAL_NETWORKING,
     RunPodAPIError,
     RunPodNodeProvider,
     backoff_delays,
@@ -43,6 +46,7 @@ RTX4090 = {
     "gpu_count": 1,
     "cloud_type": "SECURE",
     "global_networking": True,
+    "data_center_id": "US-KS-2",
     "image_name": IMAGE,
     "container_disk_in_gb": 40,
     "volume_in_gb": 50,
@@ -63,9 +67,13 @@ def fake_server() -> Iterator[FakeRunPodAPI]:
 
 
 @pytest.fixture
-def fake(fake_server: FakeRunPodAPI, monkeypatch: pytest.MonkeyPatch) -> FakeRunPodAPI:
+def fake(
+    fake_server: FakeRunPodAPI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> FakeRunPodAPI:
     """The fake, emptied, with the SDK's API URL and key pointing at it."""
     fake_server.reset()
+    # Tag state files go to this test's folder, never to the developer's ~/.ray.
+    monkeypatch.setattr(provider_module, "default_state_path", lambda name: tmp_path / name)
     monkeypatch.setenv("RUNPOD_API_BASE_URL", fake_server.url)
     monkeypatch.setenv("RUNPOD_API_KEY", fake_server.api_key)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a developer's HTTP(S)_PROXY must not see it
@@ -141,10 +149,12 @@ def test_create_node_deploys_a_pod_from_node_config_with_tags_on_the_pod(
     assert pod.spec["containerDiskInGb"] == 40
     assert pod.spec["globalNetwork"] is True
     assert pod.env["HF_HOME"] == "/workspace/hf"
+    assert pod.spec["dataCenterId"] == "US-KS-2"
     assert json.loads(pod.env["RAY_NODE_TAGS"]) == {
         TAG_RAY_CLUSTER_NAME: CLUSTER,
         TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
         TAG_RAY_USER_NODE_TYPE: "rtx4090",
+        TAG_GLOBAL_NETWORKING: "true",
     }
 
 
@@ -236,10 +246,41 @@ def test_set_node_tags_merges_into_node_tags_and_tag_filters(
         TAG_RAY_CLUSTER_NAME: CLUSTER,
         TAG_RAY_NODE_KIND: NODE_KIND_WORKER,
         TAG_RAY_USER_NODE_TYPE: "rtx4090",
+        TAG_GLOBAL_NETWORKING: "true",
         TAG_RAY_NODE_STATUS: "up-to-date",
     }
     assert TAG_RAY_NODE_STATUS not in provider.node_tags(untouched)
     assert provider.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == [updated]
+
+
+def test_tags_set_after_launch_survive_a_restart_of_the_provider(
+    provider: RunPodNodeProvider, fake: FakeRunPodAPI
+) -> None:
+    [node_id] = launch(provider)
+    provider.set_node_tags(node_id, {TAG_RAY_NODE_STATUS: "up-to-date"})
+    provider.set_node_tags(node_id, {TAG_RAY_RUNTIME_CONFIG: "abc123"})
+
+    restarted = make_provider()  # a new autoscaler process on the same head
+
+    assert restarted.node_tags(node_id)[TAG_RAY_NODE_STATUS] == "up-to-date"
+    assert restarted.node_tags(node_id)[TAG_RAY_RUNTIME_CONFIG] == "abc123"
+    assert restarted.non_terminated_nodes({TAG_RAY_NODE_STATUS: "up-to-date"}) == [node_id]
+
+
+def test_tag_state_file_is_replaced_whole_and_forgets_terminated_pods(
+    provider: RunPodNodeProvider, fake: FakeRunPodAPI
+) -> None:
+    [kept, doomed] = launch(provider, count=2)
+    provider.set_node_tags(kept, {TAG_RAY_NODE_STATUS: "up-to-date"})
+    provider.set_node_tags(doomed, {TAG_RAY_NODE_STATUS: "up-to-date"})
+    state_file = provider._tags.path
+    inode = state_file.stat().st_ino
+
+    provider.terminate_node(doomed)
+
+    assert json.loads(state_file.read_text()) == {kept: {TAG_RAY_NODE_STATUS: "up-to-date"}}
+    assert state_file.stat().st_ino != inode  # a rename over the old file, not a rewrite
+    assert [p.name for p in state_file.parent.iterdir() if p.name.startswith(".")] == []
 
 
 def test_is_running_only_once_the_pod_container_is_up(
@@ -278,22 +319,90 @@ def test_internal_ip_falls_back_to_the_private_runtime_address_without_global_ne
     assert provider.internal_ip(node_id) == fake.pods[node_id].host_ip
 
 
+AUTH = {"ssh_user": "root", "ssh_private_key": "~/.ssh/id_ed25519"}
+
+
+def launch_with_ssh_entry(
+    provider: RunPodNodeProvider, fake: FakeRunPodAPI
+) -> tuple[str, dict[str, Any]]:
+    """A launched pod and its runtime.ports entry for port 22."""
+    [node_id] = launch(provider)
+    [ssh] = [port for port in fake.pods[node_id].runtime_ports() if port["privatePort"] == 22]
+    return node_id, ssh
+
+
 def test_ssh_over_the_public_ip_uses_the_port_runpod_maps_to_22(
     provider: RunPodNodeProvider, fake: FakeRunPodAPI
 ) -> None:
-    [node_id] = launch(provider)
-    [ssh] = [port for port in fake.pods[node_id].runtime_ports() if port["privatePort"] == 22]
-    auth = {"ssh_user": "root", "ssh_private_key": "~/.ssh/id_ed25519"}
+    node_id, ssh = launch_with_ssh_entry(provider, fake)
 
-    public = provider.get_command_runner("", node_id, auth, CLUSTER, subprocess, False)
+    public = provider.get_command_runner("", node_id, AUTH, CLUSTER, subprocess, False)
     public._set_ssh_ip_if_required()
-    private = provider.get_command_runner("", node_id, auth, CLUSTER, subprocess, True)
+    private = provider.get_command_runner("", node_id, AUTH, CLUSTER, subprocess, True)
     private._set_ssh_ip_if_required()
 
     assert public.ssh_ip == provider.external_ip(node_id) == ssh["ip"]
     assert f"Port={ssh['publicPort']}" in public.ssh_options.to_ssh_options_list()
     assert private.ssh_ip == fake.pods[node_id].global_ip
     assert not any(o.startswith("Port=") for o in private.ssh_options.to_ssh_options_list())
+
+
+class RecordingProcessRunner:
+    """Stands in for the `subprocess` module Ray hands its command runners: records commands."""
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    def check_output(self, cmd: list[str], **kwargs: Any) -> bytes:
+        self.commands.append(cmd)
+        return b""
+
+
+def test_initialization_commands_ssh_to_the_mapped_port_too(
+    provider: RunPodNodeProvider, fake: FakeRunPodAPI
+) -> None:
+    node_id, ssh = launch_with_ssh_entry(provider, fake)
+    recorder = RecordingProcessRunner()
+    runner = provider.get_command_runner("", node_id, AUTH, CLUSTER, recorder, False)
+
+    # Ray's updater runs initialization_commands with fresh SSH options built from this key.
+    runner.run("echo init", with_output=True, ssh_options_override_ssh_key="~/.ssh/other")
+    runner.run("echo setup", with_output=True)
+
+    for command in recorder.commands:
+        assert f"Port={ssh['publicPort']}" in command
+        assert f"root@{ssh['ip']}" in command
+    assert "~/.ssh/other" in recorder.commands[0]
+    assert "~/.ssh/id_ed25519" in recorder.commands[1]
+    assert f"ssh -p {ssh['publicPort']} " in runner.remote_shell_command_str()
+
+
+def test_global_networking_pod_has_no_internal_ip_until_its_dns_name_resolves(
+    provider: RunPodNodeProvider, fake: FakeRunPodAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [node_id] = launch(provider)
+    answers = fake.internal_dns()
+    monkeypatch.setattr(provider_module, "resolve_ipv4", lambda host: None)
+
+    # Not the host address: other pods could not reach it, and Ray keeps the first IP it gets.
+    assert provider.internal_ip(node_id) is None
+
+    monkeypatch.setattr(provider_module, "resolve_ipv4", answers.get)
+    assert provider.internal_ip(node_id) == fake.pods[node_id].global_ip
+
+
+def test_dns_that_never_resolves_is_reported_after_the_deadline(
+    fake: FakeRunPodAPI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = make_provider(dns_timeout_s=0.05)
+    [node_id] = launch(provider)
+    monkeypatch.setattr(provider_module, "resolve_ipv4", lambda host: None)
+
+    assert provider.internal_ip(node_id) is None
+    assert "did not" not in caplog.text and "without" not in caplog.text
+    time.sleep(0.1)
+    assert provider.internal_ip(node_id) is None
+    assert f"{node_id}.runpod.internal resolving" in caplog.text
 
 
 # --- terminate -------------------------------------------------------------------------------
@@ -488,6 +597,15 @@ def test_head_node_config_carries_the_launching_api_key(
     assert "api_key" not in config["provider"]
 
 
+def test_head_gets_the_restricted_head_key_when_one_is_set(
+    provider: RunPodNodeProvider, fake: FakeRunPodAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNPOD_HEAD_API_KEY", "restricted-key")
+    config = {"cluster_name": CLUSTER, "provider": {"type": "external"}}
+
+    assert provider.prepare_for_head_node(config)["provider"]["api_key"] == "restricted-key"
+
+
 def test_bad_node_config_is_rejected_before_any_pod_is_created(
     provider: RunPodNodeProvider, fake: FakeRunPodAPI
 ) -> None:
@@ -497,13 +615,33 @@ def test_bad_node_config_is_rejected_before_any_pod_is_created(
         launch(provider, node_config={**CPU_POD, "global_networking": True})
     with pytest.raises(ValueError, match="cloud_type"):
         launch(provider, node_config={**RTX4090, "cloud_type": "secure"})
+    with pytest.raises(ValueError, match="must be SECURE"):
+        launch(provider, node_config={**RTX4090, "cloud_type": "COMMUNITY"})
 
     assert fake.calls == []
 
 
-def test_cluster_yaml_is_a_valid_ray_config_for_this_provider(fake: FakeRunPodAPI) -> None:
+def filled_cluster_yaml() -> dict[str, Any]:
+    """configs/cluster/runpod.yaml with a user's values in place of its CHANGE_ME fields (YAML
+    anchors make the head's values the workers' too)."""
+    text = CLUSTER_YAML.read_text()
+    for anchor, value in (("data_center", "EU-RO-1"), ("image", "ghcr.io/me/awq-serve:0.1.0"),
+                          ("volume", "vol123abc")):  # fmt: skip
+        text = text.replace(f"&{anchor} CHANGE_ME", f"&{anchor} {value}")
+    return yaml.safe_load(text)
+
+
+def test_cluster_yaml_as_shipped_names_the_first_value_to_set() -> None:
     config = prepare_config(yaml.safe_load(CLUSTER_YAML.read_text()))
+
+    with pytest.raises(ValueError, match=r"available_node_types\.head\.node_config\.\w+: still "):
+        RunPodNodeProvider.bootstrap_config(config)
+
+
+def test_cluster_yaml_is_a_valid_ray_config_for_this_provider(fake: FakeRunPodAPI) -> None:
+    config = prepare_config(filled_cluster_yaml())
     validate_config(config)
+    assert RunPodNodeProvider.bootstrap_config(config) is config
 
     assert config["cluster_name"] == CLUSTER
     assert _get_node_provider_cls(config["provider"]) is RunPodNodeProvider
@@ -516,4 +654,81 @@ def test_cluster_yaml_is_a_valid_ray_config_for_this_provider(fake: FakeRunPodAP
     for node_type in node_types.values():
         pod_mutation(node_type["node_config"], "probe", {})  # raises on a key RunPod lacks
     assert any("--address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
-    assert any("make setup" in c for c in config["setup_commands"])
+    # No clone, no install on the pods: the image has the stack, file_mounts ships the code.
+    assert config["file_mounts"]["~/awq-serve"] == "."
+    assert not any("git clone" in c or "make setup" in c for c in config["setup_commands"])
+    # The dashboard stays on the head's loopback; nothing publishes 8265.
+    [head_start] = [c for c in config["head_start_ray_commands"] if "--head" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert all("8265" not in t["node_config"]["ports"] for t in node_types.values())
+    # A plain GPU demand scores the cheaper 4090 higher: the a6000 carries an extra resource.
+    assert node_types["a6000"]["resources"]["GPU_48GB"] == 1
+    assert "GPU_48GB" not in node_types["rtx4090"]["resources"]
+
+
+def test_ray_prefers_the_rtx4090_for_a_plain_gpu_demand(fake: FakeRunPodAPI) -> None:
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import (
+        NodeAvailabilitySummary,
+    )
+    from ray.autoscaler._private.resource_demand_scheduler import (
+        _default_utilization_scorer,
+        get_nodes_for,
+    )
+
+    node_types = prepare_config(filled_cluster_yaml())["available_node_types"]
+    # Named to win a tie (Ray breaks equal scores by the larger type name): the extra resource
+    # alone must make the 4090 the choice.
+    workers = {"rtx4090": node_types["rtx4090"], "zz_a6000": node_types["a6000"]}
+    # The scorer Ray's autoscaler uses, with no launch failures on record.
+    scorer = partial(
+        _default_utilization_scorer,
+        node_availability_summary=NodeAvailabilitySummary(node_availabilities={}),
+    )
+
+    plain, _ = get_nodes_for(workers, {}, "head", 6, [{"GPU": 1, "CPU": 4}], scorer)
+    big, _ = get_nodes_for(workers, {}, "head", 6, [{"GPU": 1, "GPU_48GB": 1}], scorer)
+
+    assert dict(plain) == {"rtx4090": 1}
+    assert dict(big) == {"zz_a6000": 1}
+
+
+# --- config checks when the config loads ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"cloud_type": "ALL"}, r"rtx4090\.node_config\.cloud_type: must be SECURE"),
+        ({"cloud_type": "COMMUNITY"}, r"rtx4090\.node_config\.cloud_type: must be SECURE"),
+        ({"data_center_id": None}, r"rtx4090\.node_config\.data_center_id: required with"),
+        ({"data_center_id": "Kansas"}, r"rtx4090\.node_config\.data_center_id: 'Kansas' is not"),
+        ({"ports": "22/tcp,8265/http"}, r"rtx4090\.node_config\.ports: '8265/http' would publ"),
+        ({"image_name": "CHANGE_ME"}, r"rtx4090\.node_config\.image_name: still CHANGE_ME"),
+        ({"gpu_type": "x"}, r"rtx4090\.node_config: unknown RunPod keys \['gpu_type'\]"),
+    ],
+)
+def test_bad_node_types_fail_when_the_config_loads_naming_the_field(
+    change: dict[str, Any], error: str
+) -> None:
+    config = filled_cluster_yaml()
+    node_config = config["available_node_types"]["rtx4090"]["node_config"]
+    config["available_node_types"]["rtx4090"]["node_config"] = {
+        k: v for k, v in {**node_config, **change}.items() if v is not None
+    }
+
+    with pytest.raises(ValueError, match=error):
+        RunPodNodeProvider.bootstrap_config(prepare_config(config))
+
+
+def test_network_volume_needs_a_data_centre_and_global_networking_one_data_centre() -> None:
+    config = filled_cluster_yaml()
+    types = config["available_node_types"]
+    types["a6000"]["node_config"] = {**types["a6000"]["node_config"], "data_center_id": "US-KS-2"}
+    with pytest.raises(ValueError, match=r"global-networking node types are in different data"):
+        RunPodNodeProvider.bootstrap_config(prepare_config(config))
+
+    volume_only = {"image_name": IMAGE, "network_volume_id": "vol1"}
+    with pytest.raises(ValueError, match=r"node_config\.data_center_id: required with network_vo"):
+        pod_mutation(volume_only, "probe", {})

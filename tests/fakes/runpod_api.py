@@ -5,6 +5,11 @@ part of RunPod's schema that the runpod SDK's pod documents use: ``myself { pods
 ``podFindAndDeployOnDemand``, ``deployCpuPod`` and ``podTerminate``. Point the SDK at it with
 ``RUNPOD_API_BASE_URL=<fake.url>``. It can fail the next calls with an HTTP status, drop the
 connection, lose a response after doing the work, and fail the Nth pod creation.
+
+For end-to-end runs (tests/fakes/runpod_pods.py) pods can be given loopback addresses
+(`global_ip_base="127.0.0."`), RunPod's private DNS is answered on ``GET /internal-dns/<name>``
+for processes other than the test's, and `on_terminate` is told when a pod is terminated, as a
+real pod's processes end with it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -140,6 +146,7 @@ class FakePod:
     number: int
     running: bool = False
     desired_status: str = "RUNNING"
+    global_ip_base: str = "10.65.0."
 
     @property
     def public_ip(self) -> str:
@@ -151,7 +158,7 @@ class FakePod:
 
     @property
     def global_ip(self) -> str | None:
-        return f"10.65.0.{self.number}" if self.spec.get("globalNetwork") else None
+        return f"{self.global_ip_base}{self.number}" if self.spec.get("globalNetwork") else None
 
     def runtime_ports(self) -> list[dict[str, Any]]:
         """RunPod's runtime.ports: TCP ports on the public IP, HTTP ports on the host address."""
@@ -222,6 +229,8 @@ class FakeRunPodAPI:
     auto_start: bool = True
     pods: dict[str, FakePod] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    global_ip_base: str = "10.65.0."
+    on_terminate: Callable[[FakePod], None] | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -239,6 +248,10 @@ class FakeRunPodAPI:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 api._handle(self)
+
+            def do_GET(self) -> None:
+                ip = api.internal_dns().get(self.path.removeprefix("/internal-dns/"))
+                api._send(self, 200 if ip else 404, {"ip": ip})
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -336,8 +349,11 @@ class FakeRunPodAPI:
         return self._deploy(input)
 
     def podTerminate(self, info: Any, input: dict[str, Any]) -> None:
-        if self.pods.pop(input["podId"], None) is None:
+        pod = self.pods.pop(input["podId"], None)
+        if pod is None:
             raise GraphQLError(f"pod {input['podId']} not found")
+        if self.on_terminate is not None:
+            self.on_terminate(pod)
 
     def _deploy(self, spec: dict[str, Any]) -> dict[str, Any]:
         self._creates += 1
@@ -347,7 +363,9 @@ class FakeRunPodAPI:
         return self._add_pod(spec.get("name") or "", spec, env).as_graphql()
 
     def _add_pod(self, name: str, spec: dict[str, Any], env: dict[str, str]) -> FakePod:
-        pod = FakePod(uuid.uuid4().hex[:14], name, dict(spec), env, next(self._numbers))
+        number = next(self._numbers)
+        pod = FakePod(uuid.uuid4().hex[:14], name, dict(spec), env, number)
+        pod.global_ip_base = self.global_ip_base
         pod.running = self.auto_start
         self.pods[pod.id] = pod
         return pod
