@@ -25,13 +25,23 @@ from deployments.model_source import resolve_model_dir
 from deployments.prompts import chat_prompt_ids
 
 QUESTIONS = [
-    "What is the capital of France?", "Name a fruit.", "Say hello in French.",
-    "What color is grass?", "Write a haiku about the sea.", "What is 3 times 3?",
-    "Explain gravity to a child in one sentence.", "List three prime numbers.",
-    "Who wrote Hamlet?", "Translate 'cat' to Spanish.", "Describe a sunset in five words.",
-    "What is Python?", "Give me a synonym for happy.", "How many legs has a spider?",
-    "What is the boiling point of water?", "Suggest a name for a dog.",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Name a fruit.",
+    "Say hello in French.",
+    "What color is grass?",
+    "Write a haiku about the sea.",
+    "What is 3 times 3?",
+    "Explain gravity to a child in one sentence.",
+    "List three prime numbers.",
+    "Who wrote Hamlet?",
+    "Translate 'cat' to Spanish.",
+    "Describe a sunset in five words.",
+    "What is Python?",
+    "Give me a synonym for happy.",
+    "How many legs has a spider?",
+    "What is the boiling point of water?",
+    "Suggest a name for a dog.",
+]
 
 Batch = tuple[list[list[int]], int]  # prompts, the row of the probed prompt
 
@@ -62,8 +72,9 @@ def op_table(runner: ModelRunner, h: torch.Tensor) -> dict[str, Callable[[], tor
 
     def attention() -> torch.Tensor:
         q = runner.qkv[0](x)[0].view(n, runner.n_heads, runner.head_dim)
-        at = plan_attention(list(range(n)), positions, 1, runner.max_len, runner.device,
-                            runner.batch_invariant)  # fmt: skip
+        at = plan_attention(
+            list(range(n)), positions, 1, runner.max_len, runner.device, runner.batch_invariant
+        )
         layout = type("At", (), {"groups": at, "tile_rows": 1})
         kc, vc = runner.cache.k[0], runner.cache.v[0]
         return runner._cached_attention(q, kc, vc, layout)  # type: ignore[arg-type]

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from benchmarks.prompts import pick_prompts
 from benchmarks.stats import percentile
-from deployments.engine import Engine, EngineConfig, GenerationRequest, RequestStream
+from deployments.engine import Engine, EngineConfig, RequestStream
 from deployments.model_source import resolve_model_dir
 from deployments.prompts import chat_prompt_ids
-from deployments.sampling import SamplingParams
+from deployments.protocol import SamplingParams
 
 
 async def _one(engine: Engine, i: int, prompt: str, max_tokens: int) -> tuple[float, int]:
@@ -32,11 +32,11 @@ async def _one(engine: Engine, i: int, prompt: str, max_tokens: int) -> tuple[fl
     ids = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": prompt}])
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     started = time.perf_counter()
-    engine.submit(GenerationRequest(f"bench-{i}", ids, params), stream)
+    engine.enqueue(f"bench-{i}", ids, params, stream)
     ttft, tokens = None, 0
     async for event in stream:
         ttft = ttft if ttft is not None else time.perf_counter() - started
-        tokens = event.completion_tokens or tokens
+        tokens = event.usage.completion_tokens if hasattr(event, "usage") else tokens
     return ttft or 0.0, tokens
 
 

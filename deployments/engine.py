@@ -14,15 +14,34 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from deployments.errors import ApiError, ContextLengthError, OverloadedError
+from deployments.errors import (
+    ContextLengthExceeded,
+    EngineOverloaded,
+    EngineUnavailable,
+    InvalidPrompt,
+    OutOfMemory,
+    RequestFailed,
+    error_info,
+)
 from deployments.hardware import cpu_features, kernel_paths
 from deployments.model_runner import ModelRunner, load_model, pick_device
-from deployments.sampling import SamplingParams, StopChecker, make_generator, sample_next
+from deployments.prompts import chat_prompt_ids, completion_prompt_ids
+from deployments.protocol import (
+    Delta,
+    Failed,
+    Finished,
+    GenerateRequest,
+    SamplingParams,
+    Timings,
+    Usage,
+)
+from deployments.sampling import make_generator, sample_next
+from deployments.text_stream import TextStream
 
 log = logging.getLogger("awq_serve.engine")
 
@@ -47,61 +66,48 @@ class EngineConfig:
     batch_invariant: bool = True
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass
-class StreamEvent:
-    """A piece of output. The last event of a stream has `finish_reason` set."""
-
-    text: str = ""
-    finish_reason: str | None = None  # stop | length | cancelled | error
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_s: float | None = None
-    ttft_s: float | None = None
-    error: ApiError | None = None
+EngineEvent = Delta | Finished | Failed
 
 
 class RequestStream:
-    """Async iterator of a request's events, fed from the engine thread."""
+    """Async iterator of a request's events, fed from the engine thread; ends after the
+    `Finished` or `Failed` event."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_id = request_id
         self._loop = loop or asyncio.get_running_loop()
-        self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._done = False
 
-    def push(self, event: StreamEvent) -> None:
+    def push(self, event: EngineEvent) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> StreamEvent:
+    async def __anext__(self) -> EngineEvent:
         if self._done:
             raise StopAsyncIteration
         event = await self._queue.get()
-        self._done = event.finish_reason is not None
+        self._done = not isinstance(event, Delta)
         return event
 
 
 @dataclass
 class _Sequence:
-    request: GenerationRequest
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
     stream: RequestStream
-    stop: StopChecker
+    text: TextStream
     generator: torch.Generator | None
     arrived: float
-    generated: list[int] = field(default_factory=list)
-    unsent: str = ""  # text decoded but not yet pushed (stream_interval > 1)
-    unsent_tokens: int = 0
     started: float | None = None
     first_token: float | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.text.tokens
 
 
 @dataclass
@@ -140,6 +146,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
+        self._draining = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self.fatal_error: BaseException | None = None
@@ -230,35 +237,79 @@ class Engine:
             self.stats.max_running = self.max_running
 
     # ---- requests --------------------------------------------------------------------------
-    def check(self, request: GenerationRequest) -> None:
-        """Reject what can never run: too long for the context, or an empty prompt."""
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise ApiError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
-        if n + request.params.max_tokens > self.max_model_len:
-            raise ContextLengthError(n, request.params.max_tokens, self.max_model_len)
+    def open_stream(self, request_id: str) -> RequestStream:
+        return RequestStream(request_id)
 
-    def submit(self, request: GenerationRequest, stream: RequestStream) -> None:
-        self.check(request)
-        if not self.healthy:
-            raise ApiError(503, "The engine is not running.", type="server_error")
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages)
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        """The request's prompt as token ids; a template or tokenizer failure is this request's
+        fault (a 400), never the engine's."""
+        try:
+            if request.kind == "chat":
+                messages = [{"role": m.role, "content": m.content} for m in request.messages]
+                return self.encode_chat(messages)
+            return completion_prompt_ids(self.tokenizer, request.prompt)
+        except InvalidPrompt:
+            raise
+        except Exception as e:
+            raise InvalidPrompt(f"The prompt could not be tokenized: {type(e).__name__}.") from e
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Reject what can never run: too long for the context, or an empty prompt."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidPrompt("The prompt is empty.", param="prompt", code="empty_prompt")
+        if n + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceeded(n, params.max_tokens, self.max_model_len)
+
+    def submit(self, request: GenerateRequest, stream: RequestStream) -> None:
+        """Queue a request; its events arrive on `stream`. Raises the domain error that keeps
+        it from running (nothing is queued then)."""
+        if not self.healthy or self._draining:
+            raise EngineUnavailable("The engine is not accepting requests (stopping or failed).")
+        self.enqueue(request.request_id, self.encode(request), request.params, stream)
+
+    def enqueue(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, stream: RequestStream
+    ) -> None:
+        """`submit` for a prompt that is already token ids (benchmarks, tests)."""
+        if not self.healthy or self._draining:
+            raise EngineUnavailable("The engine is not accepting requests (stopping or failed).")
+        self.check(prompt_ids, params)
         seq = _Sequence(
-            request,
+            request_id,
+            prompt_ids,
+            params,
             stream,
-            StopChecker(request.params.stop),
-            make_generator(request.params.seed),
+            TextStream(self._decode_text, params.stop),
+            make_generator(params.seed),
             time.monotonic(),
         )
         with self._cond:
             if len(self._waiting) >= self.config.max_waiting:
-                raise OverloadedError()
+                raise EngineOverloaded("The engine's queue is full; retry shortly.")
             self._waiting.append(seq)
             self._cond.notify()
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def cancel(self, request_id: str) -> None:
         with self._cond:
             self._cancelled.add(request_id)
             self._cond.notify()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Stop admitting new requests and wait for in-flight ones; True if all finished."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._running or self._waiting:
+            if time.monotonic() >= deadline or not self.healthy:
+                return False
+            time.sleep(0.05)
+        return True
 
     # ---- scheduler -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -280,9 +331,9 @@ class Engine:
         except BaseException as e:  # a broken engine must fail health checks, not hang clients
             log.exception("engine loop died")
             self.fatal_error = e
-            err = ApiError(500, f"The inference engine failed: {e}", type="server_error")
+            err = EngineUnavailable("The inference engine failed; retry.")
             for seq in [*self._running, *self._waiting]:
-                seq.stream.push(self._final(seq, "error", error=err))
+                seq.stream.push(self._failed(seq, err))
             self._running.clear()
             self._waiting.clear()
 
@@ -297,6 +348,10 @@ class Engine:
                     self._on_step(self.stats.last_batch_size, time.perf_counter() - t0)
         except torch.OutOfMemoryError as e:
             self._recover_from_oom(e)
+        except Exception as e:  # a forward that broke: its batch fails, the engine goes on
+            log.exception("step failed; failing its %d sequences", len(self._running))
+            failure = RequestFailed(f"The model failed on this batch: {type(e).__name__}.")
+            self._fail_running(failure)
         self.stats.running = len(self._running)
         self.stats.waiting = len(self._waiting)
         self.stats.kv_cache_bytes = self.runner.cache.bytes_in_use()
@@ -308,12 +363,12 @@ class Engine:
             cancelled, self._cancelled = self._cancelled, set()
             if not cancelled:
                 return
-            for seq in [s for s in self._waiting if s.request.request_id in cancelled]:
+            for seq in [s for s in self._waiting if s.request_id in cancelled]:
                 self._waiting.remove(seq)
-                seq.stream.push(self._final(seq, "cancelled"))
-        gone = [i for i, s in enumerate(self._running) if s.request.request_id in cancelled]
+                seq.stream.push(self._finished(seq, "cancelled"))
+        gone = [i for i, s in enumerate(self._running) if s.request_id in cancelled]
         for i in reversed(gone):
-            self._running[i].stream.push(self._final(self._running[i], "cancelled"))
+            self._running[i].stream.push(self._finished(self._running[i], "cancelled"))
             self._release(i)
 
     def _admit(self) -> None:
@@ -330,21 +385,15 @@ class Engine:
         for seq in group:
             seq.started = now
         self._running.extend(group)
-        logits = self.runner.prefill(first, [s.request.prompt_ids for s in group])
-        tokens = sample_next(
-            logits, [s.request.params for s in group], [s.generator for s in group]
-        )
-        pairs = enumerate(zip(group, tokens, strict=True))
-        finished = [first + i for i, (s, t) in pairs if self._advance(s, t)]
-        for i in reversed(finished):
-            self._release(i)
+        logits = self.runner.prefill(first, [s.prompt_ids for s in group])
+        self._advance_rows(first, logits)
 
     def _next_prefill_group(self) -> list[_Sequence]:
         group: list[_Sequence] = []
         tokens = 0
         with self._cond:
             while self._waiting and len(self._running) + len(group) < self.max_running:
-                tokens += len(self._waiting[0].request.prompt_ids)
+                tokens += len(self._waiting[0].prompt_ids)
                 if group and tokens > self.max_prefill_tokens:
                     break
                 group.append(self._waiting.popleft())
@@ -353,56 +402,73 @@ class Engine:
     def _decode(self) -> None:
         tokens = [s.generated[-1] for s in self._running]
         logits = self.runner.decode(tokens)  # (n, vocab)
-        params = [s.request.params for s in self._running]
-        nxt = sample_next(logits, params, [s.generator for s in self._running])
         self.stats.steps += 1
         self.stats.last_batch_size = len(tokens)
-        finished = [
-            i
-            for i, (s, t) in enumerate(zip(self._running, nxt, strict=True))
-            if self._advance(s, t)
-        ]
-        for i in reversed(finished):
+        self._advance_rows(0, logits)
+
+    def _advance_rows(self, first: int, logits: torch.Tensor) -> None:
+        """Sample a token for running sequences first.. (one logits row each) and advance them;
+        finished or failed ones leave."""
+        seqs = self._running[first : first + logits.shape[0]]
+        done = []
+        for i, (seq, token) in enumerate(zip(seqs, self._sample(logits, seqs), strict=True)):
+            try:
+                finished = token is None or self._advance(seq, token)
+            except Exception as e:  # this request's text pipeline broke: it alone fails
+                log.exception("request %s failed", seq.request_id)
+                seq.stream.push(self._failed(seq, RequestFailed(f"Generation failed: {e!r}"[:200])))
+                finished = True
+            if finished:
+                done.append(first + i)
+        for i in reversed(done):
             self._release(i)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | None]:
+        """Batched sampling; if the batch fails, row by row, so one bad row fails alone (None)."""
+        try:
+            return list(sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+        except Exception:
+            log.exception("batched sampling failed; sampling row by row")
+        out: list[int | None] = []
+        for row, seq in zip(logits, seqs, strict=True):
+            try:
+                out.append(sample_next(row.unsqueeze(0), [seq.params], [seq.generator])[0])
+            except Exception as e:
+                seq.stream.push(self._failed(seq, RequestFailed(f"Sampling failed: {e!r}"[:200])))
+                out.append(None)
+        return out
 
     def _advance(self, seq: _Sequence, token: int) -> bool:
         """Append a token, stream the new text; True when the sequence is finished."""
-        now = time.monotonic()
         if seq.first_token is None:
-            seq.first_token = now
-        p = seq.request.params
+            seq.first_token = time.monotonic()
+        p = seq.params
         is_eos = token in self.eos_ids and not p.ignore_eos
         # EOS counts as a generated token (as in vLLM's usage); it decodes to no text.
-        seq.generated.append(token)
+        stopped = seq.text.add(token)
         self.stats.generated_tokens += 1
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        delta, stopped = seq.stop.feed(text)
         length = len(seq.generated) >= p.max_tokens
         if is_eos or stopped or length:
             reason = "length" if length and not (is_eos or stopped) else "stop"
-            tail = "" if stopped else seq.stop.flush()
-            seq.stream.push(self._final(seq, reason, text=seq.unsent + delta + tail))
+            seq.stream.push(self._finished(seq, reason, text=seq.text.rest(stopped)))
             return True
-        seq.unsent += delta
-        seq.unsent_tokens += 1
-        first = len(seq.generated) == 1
-        if seq.unsent and (first or seq.unsent_tokens >= self.stream_interval):
-            seq.stream.push(StreamEvent(text=seq.unsent))
-            seq.unsent, seq.unsent_tokens = "", 0
+        piece = seq.text.ready(self.stream_interval)
+        if piece:
+            seq.stream.push(Delta(piece))
         return False
 
-    def _final(
-        self, seq: _Sequence, reason: str, text: str = "", error: ApiError | None = None
-    ) -> StreamEvent:
-        return StreamEvent(
-            text=text,
-            finish_reason=reason,
-            prompt_tokens=len(seq.request.prompt_ids),
-            completion_tokens=len(seq.generated),
+    def _usage(self, seq: _Sequence) -> Usage:
+        return Usage(len(seq.prompt_ids), len(seq.generated))
+
+    def _finished(self, seq: _Sequence, reason: str, text: str = "") -> Finished:
+        timings = Timings(
             queue_s=(seq.started - seq.arrived) if seq.started else None,
             ttft_s=(seq.first_token - seq.arrived) if seq.first_token else None,
-            error=error,
         )
+        return Finished(reason, self._usage(seq), timings, text)  # type: ignore[arg-type]
+
+    def _failed(self, seq: _Sequence, error: Exception) -> Failed:
+        return Failed(error_info(error), self._usage(seq))
 
     def _release(self, index: int) -> None:
         """Free a running sequence's slot, moving the last sequence down to keep 0..n-1 dense."""
@@ -414,20 +480,16 @@ class Engine:
             self.runner.release(index)
         self._running.pop()
 
+    def _fail_running(self, error: Exception) -> None:
+        for seq in self._running:
+            seq.stream.push(self._failed(seq, error))
+        self._running.clear()
+        self.runner.reset()
+
     def _recover_from_oom(self, e: BaseException) -> None:
         """Fail the running batch with a clear error, halve the batch cap, keep serving."""
         self.stats.oom_events += 1
-        err = ApiError(
-            503,
-            "Out of memory while running this batch; retry.",
-            type="server_overloaded",
-            code="out_of_memory",
-            headers={"Retry-After": "1"},
-        )
-        for seq in self._running:
-            seq.stream.push(self._final(seq, "error", error=err))
-        self._running.clear()
-        self.runner.reset()
+        self._fail_running(OutOfMemory("Out of memory while running this batch; retry."))
         self.set_limits(max_running=max(1, self.max_running // 2))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -15,8 +15,18 @@ import torch
 from torch import nn
 
 # The instruction-set extensions that change which CPU kernels torch and oneDNN run.
-_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-          "amx_tile", "amx_bf16", "amx_int8")  # fmt: skip
+_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:

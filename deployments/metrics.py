@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from deployments.cost import ThroughputWindow, cost_per_million_tokens, cost_per_request
+from deployments.protocol import Finished
 
 log = logging.getLogger("awq_serve.metrics")
 
@@ -121,7 +122,7 @@ class RouterMetrics:
         return name if name in self.prices else NO_VARIANT
 
     def observe(
-        self, model: str, variant: str, status: int, latency_s: float, result: dict[str, Any] | None
+        self, model: str, variant: str, status: int, latency_s: float, result: Finished | None
     ) -> None:
         """Count one finished request; a successful one also feeds latency, tokens and cost."""
         model, variant = self._model(model), self._variant(variant)
@@ -129,17 +130,16 @@ class RouterMetrics:
         if status >= 400 or result is None:
             return
         self.latency.labels(model, variant).observe(latency_s)
-        n_out = result.get("completion_tokens", 0)
-        self.prompt_tokens.labels(model, variant).inc(result.get("prompt_tokens", 0))
+        n_out = result.usage.completion_tokens
+        self.prompt_tokens.labels(model, variant).inc(result.usage.prompt_tokens)
         self.generated_tokens.labels(model, variant).inc(n_out)
-        if result.get("ttft_s") is not None:
-            self.ttft.labels(model, variant).observe(result["ttft_s"])
+        ttft, queue = result.timings.ttft_s, result.timings.queue_s
+        if ttft is not None:
+            self.ttft.labels(model, variant).observe(ttft)
             if n_out > 1:
-                self.tpot.labels(model, variant).observe(
-                    max(0.0, latency_s - result["ttft_s"]) / (n_out - 1)
-                )
-        if result.get("queue_s") is not None:
-            self.queue_time.labels(model, variant).observe(result["queue_s"])
+                self.tpot.labels(model, variant).observe(max(0.0, latency_s - ttft) / (n_out - 1))
+        if queue is not None:
+            self.queue_time.labels(model, variant).observe(queue)
         if variant in self.windows:
             now = self.clock()
             self._update_cost(variant, now - latency_s, now, n_out)

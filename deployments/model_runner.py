@@ -432,14 +432,19 @@ class ModelRunner:
         for off in range(start, len(ids), chunk):
             part = ids[off : off + chunk]
             n = len(part)
-            logits = self._forward_tokens(part, [slot] * n, list(range(off, off + n)),
-                                          QUERY_TILE, [n - 1])  # fmt: skip
+            logits = self._forward_tokens(
+                part, [slot] * n, list(range(off, off + n)), QUERY_TILE, [n - 1]
+            )
         return logits
 
     def _forward_tokens(
-        self, ids: list[int], slots: list[int], positions: list[int], tile_rows: int,
+        self,
+        ids: list[int],
+        slots: list[int],
+        positions: list[int],
+        tile_rows: int,
         last: list[int],
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """One forward over tokens given flat (one row), returning the logits at `last`."""
         dev = self.device
         at = StepLayout(

@@ -5,18 +5,27 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deployments.schemas import now, usage
+from deployments.protocol import Finished, Usage
+from deployments.schemas import now
 
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def usage_body(u: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
 
 
 def completion_id(kind: str, request_id: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
 
 
-def full_response(kind: str, request_id: str, model: str, text: str, final: dict) -> dict:
+def full_response(kind: str, request_id: str, model: str, text: str, final: Finished) -> dict:
     """Non-streaming body for /v1/chat/completions or /v1/completions."""
-    reason = FINISH_REASONS.get(final.get("finish_reason", "stop"), "stop")
+    reason = FINISH_REASONS[final.reason]
     if kind == "chat":
         choice: dict[str, Any] = {
             "index": 0,
@@ -32,7 +41,7 @@ def full_response(kind: str, request_id: str, model: str, text: str, final: dict
         "created": now(),
         "model": model,
         "choices": [choice],
-        "usage": usage(final["prompt_tokens"], final["completion_tokens"]).model_dump(),
+        "usage": usage_body(final.usage),
     }
 
 
@@ -62,11 +71,11 @@ def chunk(
     }
 
 
-def usage_chunk(kind: str, request_id: str, model: str, final: dict) -> dict:
+def usage_chunk(kind: str, request_id: str, model: str, final: Finished) -> dict:
     """The extra last chunk of `stream_options.include_usage`: no choices, usage set."""
     body = chunk(kind, request_id, model, None)
     body["choices"] = []
-    body["usage"] = usage(final["prompt_tokens"], final["completion_tokens"]).model_dump()
+    body["usage"] = usage_body(final.usage)
     return body
 
 

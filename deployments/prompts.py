@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments.errors import ApiError
+from deployments.errors import InvalidPrompt
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Apply the tokenizer's chat template and open the assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(
-            400,
+        raise InvalidPrompt(
             "This model has no chat template; use /v1/completions with a plain prompt.",
             param="messages",
             code="no_chat_template",

@@ -1,25 +1,10 @@
-"""Per-request sampling and stop conditions as pure functions."""
+"""Next-token sampling for a batch of rows, each with its own parameters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+from deployments.protocol import SamplingParams
 
 
 def filter_logits(
@@ -111,41 +96,3 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
-
-
-@dataclass
-class StopChecker:
-    """Finds a stop string in the growing text; holds back text that might start one."""
-
-    stop: tuple[str, ...]
-    emitted: int = 0
-    text: str = field(default="")
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Given the full decoded text so far, return (new text safe to emit, stopped)."""
-        self.text = text
-        # The earliest match wins: a later stop string must not let an earlier one through.
-        hits = [at for s in self.stop if (at := text.find(s)) != -1]
-        if hits:
-            at = min(hits)
-            delta = text[self.emitted : at]
-            self.emitted = at
-            return delta, True
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        # Text that could still be the start of a stop string stays unsent.
-        safe_end = len(text)
-        for k in range(min(hold, len(text)), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stop):
-                safe_end = len(text) - k
-                break
-        # A replacement char means a multi-byte character is not complete yet.
-        while safe_end > self.emitted and text[safe_end - 1] == "\ufffd":
-            safe_end -= 1
-        delta = text[self.emitted : max(safe_end, self.emitted)]
-        self.emitted = max(safe_end, self.emitted)
-        return delta, False
-
-    def flush(self) -> str:
-        delta = self.text[self.emitted :].rstrip("\ufffd")
-        self.emitted = len(self.text)
-        return delta

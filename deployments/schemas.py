@@ -83,7 +83,7 @@ class CompletionRequest(SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class GenerateRequest(BaseModel):
+class SeedGenerateRequest(BaseModel):
     """The seed API: one prompt in, text and timing figures out."""
 
     model_config = ConfigDict(extra="forbid")

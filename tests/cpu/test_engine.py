@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from deployments.engine import Engine, EngineConfig, GenerationRequest, RequestStream
-from deployments.errors import ContextLengthError
+from deployments.engine import Engine, EngineConfig, RequestStream
+from deployments.errors import ContextLengthExceeded
 from deployments.prompts import chat_prompt_ids
-from deployments.sampling import SamplingParams
+from deployments.protocol import Delta, SamplingParams
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -53,7 +53,7 @@ def ids(engine: Engine, question: str) -> list[int]:
 
 async def generate(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams):
     stream = RequestStream(request_id)
-    engine.submit(GenerationRequest(request_id, prompt, params), stream)
+    engine.enqueue(request_id, prompt, params, stream)
     text, final = [], None
     async for event in stream:
         text.append(event.text)
@@ -89,16 +89,16 @@ def test_usage_counts_prompt_and_completion_tokens(engine: Engine) -> None:
     prompt = ids(engine, QUESTIONS[2])
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     text, final = asyncio.run(generate(engine, "u", prompt, params))
-    assert final.prompt_tokens == len(prompt)
-    assert final.completion_tokens == 5
-    assert final.finish_reason == "length"
+    assert final.usage.prompt_tokens == len(prompt)
+    assert final.usage.completion_tokens == 5
+    assert final.reason == "length"
     assert text
 
 
 def test_stop_sequence_ends_generation_before_the_stop_text(engine: Engine) -> None:
     params = SamplingParams(max_tokens=40, temperature=0.0, stop=("Paris",))
     text, final = asyncio.run(generate(engine, "s", ids(engine, QUESTIONS[0]), params))
-    assert final.finish_reason == "stop"
+    assert final.reason == "stop"
     assert "Paris" not in text
     assert text.startswith("The capital of France is")
 
@@ -111,25 +111,24 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
 
 
 def test_prompt_plus_max_tokens_over_context_is_rejected_with_the_numbers(engine: Engine) -> None:
-    request = GenerationRequest("long", [1] * 500, SamplingParams(max_tokens=100))
-    with pytest.raises(ContextLengthError, match=r"maximum context length is 512 tokens.*600"):
-        engine.check(request)
+    with pytest.raises(ContextLengthExceeded, match=r"maximum context length is 512 tokens.*600"):
+        engine.check([1] * 500, SamplingParams(max_tokens=100))
 
 
 def test_cancelled_request_frees_its_slot_within_a_step(engine: Engine) -> None:
     async def scenario() -> tuple[str | None, int]:
         stream = RequestStream("c")
         params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
-        engine.submit(GenerationRequest("c", ids(engine, QUESTIONS[2]), params), stream)
+        engine.enqueue("c", ids(engine, QUESTIONS[2]), params, stream)
         async for event in stream:
-            if event.text:
+            if isinstance(event, Delta) and event.text:
                 break
         engine.cancel("c")
         last = None
         async for event in stream:
             last = event
         await asyncio.sleep(0.05)
-        return last.finish_reason, last.completion_tokens
+        return last.reason, last.usage.completion_tokens
 
     reason, produced = asyncio.run(scenario())
     assert reason == "cancelled"
@@ -143,7 +142,7 @@ def test_stream_interval_groups_tokens_but_sends_the_first_at_once(engine: Engin
 
     async def events() -> list[str]:
         stream = RequestStream(f"si{engine.stream_interval}")
-        engine.submit(GenerationRequest(stream.request_id, prompt, params), stream)
+        engine.enqueue(stream.request_id, prompt, params, stream)
         return [event.text async for event in stream]
 
     every_token = asyncio.run(events())

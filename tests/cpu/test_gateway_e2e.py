@@ -21,9 +21,10 @@ import httpx
 import openai
 import pytest
 
+from deployments.admission import estimate_prompt_tokens
 from deployments.app import deployment_name
 from deployments.auth import create_key
-from deployments.router import VARIANT_HEADER, estimate_prompt_tokens
+from deployments.router import VARIANT_HEADER
 from deployments.traffic import TrafficSplit, choose_variant
 from quantization import cli
 from tests.serving import APP, CHAT, REPO, serve_app

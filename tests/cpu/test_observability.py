@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deployments.health import health_report
 from deployments.logging_setup import LOGGER, configure_logging
 from deployments.metrics import EXPORTED_REPLICA_METRICS, UNKNOWN_MODEL, RouterMetrics
+from deployments.protocol import Finished, Usage
 from tests.serving import CHAT, REPO, free_port, serve_app
 
 DASHBOARD = REPO / "configs" / "grafana" / "awq-serve.json"
@@ -328,7 +329,7 @@ def test_dashboard_has_a_datasource_variable_and_a_panel_for_every_metric() -> N
 
 def test_router_metrics_keep_labels_to_the_served_names() -> None:
     m = RouterMetrics({"a": 0.0, "b": 1.0}, aliases=["chat"])
-    m.observe("chat", "a", 200, 0.5, {"completion_tokens": 3, "prompt_tokens": 2})
+    m.observe("chat", "a", 200, 0.5, Finished("stop", Usage(2, 3)))
     m.observe("DROP TABLE users", "-", 404, 0.01, None)
     text = m.render().decode()
     assert 'inference_requests_total{model="chat",status="2xx",variant="a"} 1.0' in text
@@ -342,8 +343,8 @@ def test_router_metrics_keep_labels_to_the_served_names() -> None:
 def test_router_cost_gauge_uses_the_window_throughput() -> None:
     clock = iter([10.0, 12.0])
     m = RouterMetrics({"b": 3.6}, clock=lambda: next(clock))
-    m.observe("b", "b", 200, 2.0, {"completion_tokens": 100, "prompt_tokens": 1})  # 8..10
-    m.observe("b", "b", 200, 1.0, {"completion_tokens": 100, "prompt_tokens": 1})  # 11..12
+    m.observe("b", "b", 200, 2.0, Finished("stop", Usage(1, 100)))  # 8..10
+    m.observe("b", "b", 200, 1.0, Finished("stop", Usage(1, 100)))  # 11..12
     tps = 200 / (12.0 - 8.0)
     assert m.output_tok_per_s.labels("b")._value.get() == pytest.approx(tps)
     per_million = 3.6 / (tps * 3600) * 1e6
@@ -399,7 +400,7 @@ def test_log_lines_are_json_with_request_id_and_respect_the_level(
 
 def test_cost_metric_is_finite_for_any_observed_request() -> None:
     m = RouterMetrics({"b": 1.0}, clock=lambda: 5.0)
-    m.observe("b", "b", 200, 0.0, {"completion_tokens": 0, "prompt_tokens": 1})
+    m.observe("b", "b", 200, 0.0, Finished("stop", Usage(1, 0)))
     text = m.render().decode()
     assert "cost_per_1m_output_tokens_dollars{" not in text  # no tokens yet: undefined, absent
     assert all(not math.isinf(s.value) for f in m.registry.collect() for s in f.samples)

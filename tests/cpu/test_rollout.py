@@ -9,6 +9,7 @@ import pytest
 
 from deployments.config import AppArgs
 from deployments.metrics import RouterMetrics
+from deployments.protocol import Finished, Usage
 from deployments.rollout import (
     MetricsUnavailable,
     VariantCounts,
@@ -57,7 +58,7 @@ class FakeApp:
         return self.metrics.render().decode()
 
     def serve(self, variant: str, n: int, status: int = 200, latency_s: float = 0.2) -> None:
-        final = {"prompt_tokens": 5, "completion_tokens": 1} if status < 400 else None
+        final = Finished("stop", Usage(5, 1)) if status < 400 else None
         for _ in range(n):
             self.metrics.observe("chat", variant, status, latency_s, final)
 

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from deployments.config import AppArgs, apply_env_overrides
-from deployments.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from deployments.schemas import ChatCompletionRequest, CompletionRequest, SeedGenerateRequest
 
 SERVE_CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 
@@ -158,7 +158,7 @@ def test_completion_request_accepts_a_one_prompt_list() -> None:
 
 def test_generate_request_rejects_unknown_fields() -> None:
     with pytest.raises(ValidationError) as exc:
-        GenerateRequest.model_validate({"prompt": "hi", "max_tokens": 10})
+        SeedGenerateRequest.model_validate({"prompt": "hi", "max_tokens": 10})
     assert [(e["loc"], e["type"]) for e in exc.value.errors()] == [
         (("max_tokens",), "extra_forbidden")
     ]

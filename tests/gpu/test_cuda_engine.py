@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from deployments.engine import Engine, EngineConfig, GenerationRequest, RequestStream
+from deployments.engine import Engine, EngineConfig, RequestStream
 from deployments.prompts import chat_prompt_ids
-from deployments.sampling import SamplingParams
+from deployments.protocol import SamplingParams
 
 
 async def _answer(engine: Engine, rid: str, question: str) -> str:
     ids = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": question}])
     stream = RequestStream(rid)
-    engine.submit(GenerationRequest(rid, ids, SamplingParams(max_tokens=24, temperature=0)), stream)
+    engine.enqueue(rid, ids, SamplingParams(max_tokens=24, temperature=0), stream)
     return "".join([e.text async for e in stream])
 
 
