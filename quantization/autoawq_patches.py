@@ -107,6 +107,41 @@ def _compute_best_clip(
     return best.to(w.dtype)
 
 
+@contextmanager
+def record_search(root: nn.Module) -> Iterator[dict[str, list]]:
+    """Capture the scales and clips AutoAWQ's `quantize` searches, named from `root`.
+
+    AutoAWQ applies each decoder layer's search result and drops it; llm-awq returns it as data
+    (`run_awq` -> {"scale": ..., "clip": ...}) so one search can be applied and packed later, more
+    than once. This wraps the two apply functions AutoAWQ's quantizer calls to keep a copy, in
+    llm-awq's format with names relative to `root` (AutoAWQ's own `append_str_prefix` naming).
+    """
+    import awq.quantize.quantizer as quantizer_module
+    from awq.utils.module import get_op_name
+
+    found: dict[str, list] = {"scale": [], "clip": []}
+    apply_scale, apply_clip = quantizer_module.apply_scale, quantizer_module.apply_clip
+
+    def recording_scale(module: nn.Module, scales_list: list, input_feat_dict=None) -> None:
+        prefix = get_op_name(root, module) + "."
+        for prev, names, scales in scales_list:
+            found["scale"].append(
+                (prefix + prev, [prefix + n for n in names], scales.cpu().clone())
+            )
+        apply_scale(module, scales_list, input_feat_dict=input_feat_dict)
+
+    def recording_clip(module: nn.Module, clip_list: list) -> None:
+        prefix = get_op_name(root, module) + "."
+        found["clip"] += [(prefix + name, max_val.cpu().clone()) for name, max_val in clip_list]
+        apply_clip(module, clip_list)
+
+    quantizer_module.apply_scale, quantizer_module.apply_clip = recording_scale, recording_clip
+    try:
+        yield found
+    finally:
+        quantizer_module.apply_scale, quantizer_module.apply_clip = apply_scale, apply_clip
+
+
 # AutoAWQ's own methods, kept for parity tests against the replacements.
 ORIGINALS = {
     "_compute_best_scale": AwqQuantizer._compute_best_scale,
