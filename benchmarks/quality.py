@@ -20,7 +20,7 @@ from typing import Any
 
 from quantization.recipes import QuantRecipe, load_recipe
 from quantization.registry import DEFAULT_ROOT, Registry, library_versions
-from quantization.steps import DEMO_SOURCE, fingerprint
+from quantization.steps import DEMO_SOURCE, prepare_key
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_RECIPES = ("w4-g64", "w3-g64")
@@ -29,9 +29,9 @@ DEFAULT_RECIPES = ("w4-g64", "w3-g64")
 def seed_prepare_cache(source: str, cache: Path, registry_cache: Path) -> bool:
     """Reuse the registry's prepared FP16 export of `source` (the demo build made one).
 
-    Hard links keep the files' mtimes, so the AWQ step's cache key is the same as the registry's.
+    The AWQ step's key is the prepared folder's content hash, so it matches the registry's.
     """
-    folder = f"prepare-{fingerprint(step='prepare', source=source)}"
+    folder = f"prepare-{prepare_key(source)[0]}"
     found, target = registry_cache / folder, cache / folder
     if target.exists() or not (found / ".done.json").is_file():
         return False

@@ -54,12 +54,21 @@ def _ray_session() -> Iterator[None]:
             ray.shutdown()
 
 
+def _served_check_policy():
+    """The serving engine's own check, imported here only: `quantization` never imports the
+    server; the CLI (which will move to a package of its own) wires the two together."""
+    from deployments.served_check import EngineServedCheck
+    from quantization.pipeline import ServedCheckPolicy
+
+    return ServedCheckPolicy(EngineServedCheck())
+
+
 def _run(specs: list, registry: Registry, publish: bool = True) -> int:
     from quantization.pipeline import run_jobs
 
     try:
         with _ray_session():
-            results = run_jobs(specs, registry, publish=publish)
+            results = run_jobs(specs, registry, publish=publish, served=_served_check_policy())
     except KeyboardInterrupt:
         print("interrupted: tasks cancelled, nothing published", file=sys.stderr)
         return 130
@@ -72,8 +81,8 @@ def _run(specs: list, registry: Registry, publish: bool = True) -> int:
         if not r.evaluation["gate"]["passed"]:
             failed = True
             print(f"NOT PUBLISHED: {r.spec.name} failed its quality gate.", file=sys.stderr)
-        elif r.published:
-            print(f"published {r.published}")
+        else:
+            print(f"{r.spec.name}: {r.outcome}")
     return 1 if failed else 0
 
 
