@@ -217,6 +217,9 @@ def _served_outcome(
     return ServedCheckResult.from_dict(data), True, "", seconds, reused
 
 
+PUBLISHING = "passed: published to the registry under the next free version of this recipe"
+
+
 def _outcome(recipe: QuantRecipe, passed: bool, publish: bool) -> str:
     if not recipe.publishable:
         loaders = ", ".join(recipe.loaders) or "none (no packing kernels below 4 bits)"
@@ -227,7 +230,7 @@ def _outcome(recipe: QuantRecipe, passed: bool, publish: bool) -> str:
         return "NOT PUBLISHED: failed its quality gate"
     if not publish:
         return "evaluated, not published (publishing was turned off)"
-    return "publishing"
+    return PUBLISHING
 
 
 def _finish(
@@ -251,7 +254,7 @@ def _finish(
     outcome = _outcome(spec.recipe, verdict.passed, publish)
     md = report.markdown(spec.name, spec.recipe, ev, timings, outcome)
     published = None
-    if outcome == "publishing":
+    if outcome == PUBLISHING:
         published = _publish(registry, spec, Path(fp_dir), prep_info, Path(awq_dir), ev, md)
         outcome = f"published {published}"
     return JobResult(spec, published, ev, timings, reused, md, outcome)
