@@ -1,9 +1,10 @@
 """AWQ clip search: AutoAWQ 0.2.9's `_compute_best_clip` against awq-serve's replacement.
 
 Times both on the demo model's layer shapes (SmolLM2-135M: hidden 576, MLP 1536; group 64) with
-4096 random calibration tokens, float32 on CPU as the pipeline runs there. AutoAWQ samples 512 of
-the tokens; the replacement uses all of them through each group's Gram matrix. Also prints each
-choice's output error on all tokens, so a faster search is not a worse one.
+4096 calibration tokens, float32 on CPU as the pipeline runs there. AutoAWQ samples 512 of the
+tokens; the replacement uses all of them through each group's Gram matrix. Each choice is then
+scored out of sample: the output error on another 4096 tokens from the same distribution that
+neither search saw (in-sample error is printed too, for comparison).
 Run `python -m benchmarks.clip_speed --help`.
 """
 
@@ -62,6 +63,7 @@ def timed(fn: Callable[..., torch.Tensor], *args: object) -> tuple[torch.Tensor,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.clip_speed", description=__doc__)
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens per layer")
+    p.add_argument("--held-out", type=int, default=4096, help="unseen tokens errors are scored on")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--w-bit", type=int, default=4, choices=(3, 4))
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -72,19 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     original = ORIGINALS["_compute_best_clip"]
     print(f"{args.tokens} tokens, w{args.w_bit} g{args.group_size}, "
           f"{torch.get_num_threads()} torch threads")  # fmt: skip
-    print("| layer | shape (out x in) | AutoAWQ s | awq-serve s | speed-up | out err AutoAWQ "
-          "| out err awq-serve |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| layer | shape (out x in) | AutoAWQ s | awq-serve s | speed-up | held-out err AutoAWQ "
+          "| held-out err awq-serve | in-sample err AutoAWQ | in-sample err awq-serve |\n"
+          "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     totals = [0.0, 0.0]
     for seed, (name, out_f, in_f) in enumerate(DEMO_LAYERS):
-        w, x = layer_inputs(out_f, in_f, args.tokens, seed)
+        w, x_all = layer_inputs(out_f, in_f, args.tokens + args.held_out, seed)
+        x, unseen = x_all[: args.tokens], x_all[args.tokens :]  # same distribution, disjoint
         theirs, t_theirs = timed(original, quantizer, w, x)
         ours, t_ours = timed(_compute_best_clip, quantizer, w, x)
         totals[0] += t_theirs
         totals[1] += t_ours
         print(f"| {name} | {out_f}x{in_f} | {t_theirs:.2f} | {t_ours:.3f} | "
-              f"{t_theirs / t_ours:.0f}x | {output_error(w, x, theirs, quantizer):.4g} | "
-              f"{output_error(w, x, ours, quantizer):.4g} |")  # fmt: skip
-    print(f"| total | | {totals[0]:.2f} | {totals[1]:.3f} | {totals[0] / totals[1]:.0f}x | | |")
+              f"{t_theirs / t_ours:.0f}x | {output_error(w, unseen, theirs, quantizer):.6g} | "
+              f"{output_error(w, unseen, ours, quantizer):.6g} | "
+              f"{output_error(w, x, theirs, quantizer):.6g} | "
+              f"{output_error(w, x, ours, quantizer):.6g} |")  # fmt: skip
+    print(f"| total | | {totals[0]:.2f} | {totals[1]:.3f} | {totals[0] / totals[1]:.0f}x "
+          "| | | | |")  # fmt: skip
     return 0
 
 

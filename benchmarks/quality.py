@@ -2,9 +2,11 @@
 
 Runs the quantization task graph (`run_jobs(..., publish=False)`) in a scratch registry, so its
 step cache is reused on a re-run, and prints one Markdown table: held-out perplexity of FP16 / RTN /
-AWQ, AWQ's perplexity rise as a fraction of RTN's, top-1 agreement and KL against FP16, and the
-AWQ artifact's size. JSON goes to `benchmarks/results/quality.json`. The two default recipes take
-about 8 minutes on 2 CPU cores. Run `python -m benchmarks.quality --help`.
+AWQ on evaluation text deduplicated against calibration, AWQ's perplexity rise as a fraction of
+RTN's, top-1 agreement and KL against FP16, the served-path check's KL (engine vs transformers;
+publishable recipes only) and the AWQ artifact's size. JSON goes to
+`benchmarks/results/quality.json`. The two default recipes take about 8 minutes on 2 CPU cores.
+Run `python -m benchmarks.quality --help`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from quantization.recipes import QuantRecipe, load_recipe
 from quantization.registry import DEFAULT_ROOT, Registry, library_versions
-from quantization.steps import DEMO_SOURCE, fingerprint
+from quantization.steps import DEMO_SOURCE, prepare_key
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_RECIPES = ("w4-g64", "w3-g64")
@@ -29,9 +31,9 @@ DEFAULT_RECIPES = ("w4-g64", "w3-g64")
 def seed_prepare_cache(source: str, cache: Path, registry_cache: Path) -> bool:
     """Reuse the registry's prepared FP16 export of `source` (the demo build made one).
 
-    Hard links keep the files' mtimes, so the AWQ step's cache key is the same as the registry's.
+    The AWQ step's key is the prepared folder's content hash, so it matches the registry's.
     """
-    folder = f"prepare-{fingerprint(step='prepare', source=source)}"
+    folder = f"prepare-{prepare_key(source)[0]}"
     found, target = registry_cache / folder, cache / folder
     if target.exists() or not (found / ".done.json").is_file():
         return False
@@ -69,6 +71,8 @@ def quality_row(recipe: QuantRecipe, evaluation: dict[str, Any]) -> dict[str, An
         "awq_kl": q["awq"]["kl_vs_reference"],
         "rtn_kl": q["rtn"]["kl_vs_reference"],
         "awq_size_bytes": q["awq"]["size_bytes"],
+        "served_kl": (evaluation.get("served_check") or {}).get("kl_per_token"),
+        "removed_pct": (evaluation.get("held_out") or {}).get("removed_pct"),
         "gate_passed": evaluation["gate"]["passed"],
     }
 
@@ -77,17 +81,22 @@ def _num(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| recipe | FP16 ppl | RTN ppl | AWQ ppl | AWQ rise / RTN rise | top-1 AWQ | top-1 RTN "
-        "| KL AWQ | KL RTN | AWQ size MB | gate |",
-        "|" + "---|" * 11,
+        "| KL AWQ | KL RTN | served-path KL | eval words removed % | AWQ size MB | gate |",
+        "|" + "---|" * 13,
     ]
     for r in rows:
         lines.append(
             f"| {r['recipe']} | {r['fp16_ppl']:.3f} | {r['rtn_ppl']:.3f} | {r['awq_ppl']:.3f} | "
             f"{_num(r['awq_rise_over_rtn_rise'], 2)} | {r['awq_top1']:.3f} | {r['rtn_top1']:.3f} "
-            f"| {r['awq_kl']:.4f} | {r['rtn_kl']:.4f} | {r['awq_size_bytes'] / 1e6:.1f} | "
+            f"| {r['awq_kl']:.4f} | {r['rtn_kl']:.4f} | {_sci(r['served_kl'])} | "
+            f"{_num(r['removed_pct'], 1)} | {r['awq_size_bytes'] / 1e6:.1f} | "
             f"{'pass' if r['gate_passed'] else 'FAIL'} |"
         )
     return "\n".join(lines)
@@ -99,14 +108,16 @@ def run(
     """Run every recipe on `source` as parallel branches; returns the JSON payload."""
     import ray
 
-    from quantization.pipeline import JobSpec, run_jobs
+    from deployments.served_check import EngineServedCheck
+    from quantization.pipeline import JobSpec, ServedCheckPolicy, run_jobs
 
     specs = [JobSpec(source, f"quality-{r.name}", r) for r in recipes]
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
              logging_level=logging.WARNING)  # fmt: skip
     start = time.perf_counter()
     try:
-        results = run_jobs(specs, Registry(scratch), publish=False)
+        served = ServedCheckPolicy(EngineServedCheck())  # evaluate-only recipes skip it
+        results = run_jobs(specs, Registry(scratch), publish=False, served=served)
     finally:
         ray.shutdown()
     return {

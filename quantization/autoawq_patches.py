@@ -100,11 +100,51 @@ def _compute_best_clip(
     max_shrink: float = 0.5,
     n_sample_token: int = 512,
 ) -> torch.Tensor:
-    """Same contract as AutoAWQ's: (out, n_group, 1) max |w| per group; `n_sample_token` unused."""
+    """Same contract as AutoAWQ's: (out, n_group, 1) max |w| per group.
+
+    `n_sample_token` is deliberately unused: the Gram matrix costs the same memory for any number
+    of tokens, so every calibration token is used, not AutoAWQ's 512-token sample. Whether that
+    generalises is measured on tokens neither search saw (`python -m benchmarks.clip_speed`).
+    """
     group_size = self.group_size if self.group_size > 0 else w.shape[1]
-    gram = group_gram(input_feat.to(w.device), group_size)
+    gram = group_gram(input_feat.to(w.device), group_size)  # chunked: bounded fp32 memory
     best = search_clip(w, gram, self.w_bit, group_size, self.zero_point, n_grid, max_shrink)
     return best.to(w.dtype)
+
+
+@contextmanager
+def record_search(root: nn.Module) -> Iterator[dict[str, list]]:
+    """Capture the scales and clips AutoAWQ's `quantize` searches, named from `root`.
+
+    AutoAWQ applies each decoder layer's search result and drops it; llm-awq returns it as data
+    (`run_awq` -> {"scale": ..., "clip": ...}) so one search can be applied and packed later, more
+    than once. This wraps the two apply functions AutoAWQ's quantizer calls to keep a copy, in
+    llm-awq's format with names relative to `root` (AutoAWQ's own `append_str_prefix` naming).
+    """
+    import awq.quantize.quantizer as quantizer_module
+    from awq.utils.module import get_op_name
+
+    found: dict[str, list] = {"scale": [], "clip": []}
+    apply_scale, apply_clip = quantizer_module.apply_scale, quantizer_module.apply_clip
+
+    def recording_scale(module: nn.Module, scales_list: list, input_feat_dict=None) -> None:
+        prefix = get_op_name(root, module) + "."
+        for prev, names, scales in scales_list:
+            found["scale"].append(
+                (prefix + prev, [prefix + n for n in names], scales.cpu().clone())
+            )
+        apply_scale(module, scales_list, input_feat_dict=input_feat_dict)
+
+    def recording_clip(module: nn.Module, clip_list: list) -> None:
+        prefix = get_op_name(root, module) + "."
+        found["clip"] += [(prefix + name, max_val.cpu().clone()) for name, max_val in clip_list]
+        apply_clip(module, clip_list)
+
+    quantizer_module.apply_scale, quantizer_module.apply_clip = recording_scale, recording_clip
+    try:
+        yield found
+    finally:
+        quantizer_module.apply_scale, quantizer_module.apply_clip = apply_scale, apply_clip
 
 
 # AutoAWQ's own methods, kept for parity tests against the replacements.

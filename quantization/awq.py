@@ -1,4 +1,6 @@
-"""AWQ through AutoAWQ: search scales and clips on calibration blocks, pack, save.
+"""AWQ through AutoAWQ in two steps, as llm-awq does: `search_awq` returns the scales and clips as
+tensors; `apply_and_pack` turns them into an artifact. A search is stored with the job, so it can
+be inspected, and packed again (GEMM and GEMV) without searching again.
 
 CPU runs in float32 (float16 matmuls on CPU are many times slower); GPU runs in float16. Either way
 the saved non-quantized tensors (embeddings, norms) are float16, the standard AWQ artifact.
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantization.autoawq_patches import scale_search_sequences
+from quantization.autoawq_patches import record_search, scale_search_sequences
 from quantization.quant_math import check_group_size
 from quantization.recipes import QuantRecipe
 
@@ -64,11 +66,26 @@ def linear_in_features(model: nn.Module) -> dict[str, int]:
     }
 
 
-def quantize_awq(
+SEARCH_FILE = "awq_search.pt"
+
+
+def _load_fp(fp_dir: Path, dtype: torch.dtype):
+    from awq import AutoAWQForCausalLM
+
+    return AutoAWQForCausalLM.from_pretrained(
+        str(fp_dir), torch_dtype=dtype, device_map=None, safetensors=True
+    )
+
+
+def search_awq(
     fp_dir: Path, out_dir: Path, recipe: QuantRecipe, calib_blocks: torch.Tensor
 ) -> AwqResult:
-    """Run AWQ on the model in `fp_dir` and save the packed artifact to `out_dir`."""
-    from awq import AutoAWQForCausalLM
+    """AWQ step 1 (llm-awq's `run_awq`): search per-channel scales and per-group clips on the
+    calibration blocks with AutoAWQ's own search; save them as tensors to `out_dir/awq_search.pt`.
+
+    {"scale": [(prev_op, [linears], scales)], "clip": [(linear, max_val)]}, names from the HF model
+    root; nothing is packed here, so one search can be packed as GEMM and GEMV, or inspected.
+    """
     from transformers import AutoTokenizer
 
     check_supported(fp_dir)
@@ -76,11 +93,10 @@ def quantize_awq(
     dtype = torch.float16 if device == "cuda" else torch.float32
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
-    model = AutoAWQForCausalLM.from_pretrained(
-        str(fp_dir), torch_dtype=dtype, device_map=None, safetensors=True
-    )
+    model = _load_fp(fp_dir, dtype)
     check_group_size(recipe.q_group_size, linear_in_features(model.model), fp_dir.name)
-    with scale_search_sequences(recipe.calibration.scale_search_sequences):
+    with scale_search_sequences(recipe.calibration.scale_search_sequences), \
+            record_search(model.model) as found:  # fmt: skip
         model.quantize(
             tokenizer,
             quant_config=recipe.autoawq_config(),
@@ -89,20 +105,56 @@ def quantize_awq(
             max_calib_seq_len=calib_blocks.shape[1],
             apply_clip=recipe.apply_clip,
             duo_scaling=recipe.duo_scaling,
-            # No packing kernels below 4 bits: keep the AWQ-scaled and clipped FP weights.
-            export_compatible=not recipe.servable,
+            export_compatible=True,  # search and apply only; packing is `apply_and_pack`
         )
-    model.model.to(torch.float16)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(found, out_dir / SEARCH_FILE)
+    return AwqResult(out_dir, time.perf_counter() - start, device)
+
+
+def load_search(path: Path) -> dict[str, list]:
+    return torch.load(path, weights_only=True)
+
+
+@torch.no_grad()
+def apply_and_pack(
+    fp_dir: Path, search: dict[str, list], recipe: QuantRecipe, out_dir: Path
+) -> Path:
+    """AWQ step 2 (llm-awq's `apply_awq` + real quantization): apply the searched scales and clips
+    to a fresh FP copy, then pack in the recipe's layout (GEMM/GEMV), or, below 4 bits where no
+    packing kernel exists, save the AWQ-scaled and clipped FP weights."""
+    from awq.models._config import AwqConfig
+    from awq.quantize.quantizer import AwqQuantizer
+    from awq.quantize.scale import apply_clip, apply_scale
+    from transformers import AutoTokenizer
+
+    dtype = torch.float16 if compute_device() == "cuda" else torch.float32
+    model = _load_fp(fp_dir, dtype)
+    apply_scale(model.model, search["scale"])
+    apply_clip(model.model, search["clip"])
+    model.quant_config = AwqConfig.from_dict(recipe.autoawq_config())
+    if hasattr(model, "modules_to_not_convert"):
+        model.quant_config.modules_to_not_convert = model.modules_to_not_convert
     out_dir.mkdir(parents=True, exist_ok=True)
     if recipe.servable:
+        # AutoAWQ's packer without its calibration set-up (`__init__` runs a calibration forward).
+        packer = AwqQuantizer.__new__(AwqQuantizer)
+        packer.w_bit, packer.group_size = recipe.w_bit, recipe.q_group_size
+        packer.zero_point, packer.version = recipe.zero_point, recipe.version
+        packer.modules_to_not_convert = model.quant_config.modules_to_not_convert or []
+        packer.modules = model.get_model_layers(model.model)
+        packer.pack()
+        model.is_quantized = True
+        model.model.to(torch.float16)
         model.save_quantized(str(out_dir))
     else:
+        model.model.to(torch.float16)
         model.model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(fp_dir).save_pretrained(out_dir)
     # AutoAWQ turns sampling on in the saved generation config; serving samples per request.
     generation = out_dir / "generation_config.json"
     if generation.is_file():
         cfg = json.loads(generation.read_text())
         cfg["do_sample"] = False
         generation.write_text(json.dumps(cfg, indent=2))
-    return AwqResult(out_dir, time.perf_counter() - start, device)
+    return out_dir

@@ -54,6 +54,15 @@ def _ray_session() -> Iterator[None]:
             ray.shutdown()
 
 
+def _served_check_policy():
+    """The serving engine's own check, imported here only: `quantization` never imports the
+    server; the CLI wires the two together."""
+    from deployments.served_check import EngineServedCheck
+    from quantization.pipeline import ServedCheckPolicy
+
+    return ServedCheckPolicy(EngineServedCheck())
+
+
 def _run(
     specs: list,
     registry: Registry,
@@ -65,7 +74,10 @@ def _run(
 
     try:
         with _ray_session():
-            results = run_jobs(specs, registry, publish=publish, gpus=gpus, cpus=cpus)
+            results = run_jobs(
+                specs, registry, publish=publish, gpus=gpus, cpus=cpus,
+                served=_served_check_policy(),
+            )
     except KeyboardInterrupt:
         print("interrupted: tasks cancelled, nothing published", file=sys.stderr)
         return 130
@@ -78,8 +90,8 @@ def _run(
         if not r.evaluation["gate"]["passed"]:
             failed = True
             print(f"NOT PUBLISHED: {r.spec.name} failed its quality gate.", file=sys.stderr)
-        elif r.published:
-            print(f"published {r.published}")
+        else:
+            print(f"{r.spec.name}: {r.outcome}")
     return 1 if failed else 0
 
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from quantization import report, steps
+from quantization.cache_keys import project_version
+from quantization.gate import gate
 from quantization.recipes import QuantRecipe
 from quantization.registry import Manifest, Registry, library_versions
+from quantization.served import ServedCheckResult, ServedPathCheck
 
 log = logging.getLogger("awq_serve.pipeline")
 
@@ -42,6 +45,19 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
     reused: dict[str, bool] = field(default_factory=dict)
     report_md: str = ""
+    outcome: str = ""  # one line: published, evaluated only, or why not published
+
+
+@dataclass(frozen=True)
+class ServedCheckPolicy:
+    """How the served-path check is done: injected by the caller, or explicitly waived.
+
+    Without a check the gate fails closed for publishable recipes; `waived` (tests, tools that
+    never serve) makes the report say the check was skipped instead.
+    """
+
+    check: ServedPathCheck | None = None
+    waived: bool = False
 
 
 def _resources(gpus: float | None = None, cpus: float | None = None) -> dict[str, float]:
@@ -71,10 +87,7 @@ def _use_assigned_cpus() -> None:
 @ray.remote
 def _prepare(source: str, cache: str) -> tuple[str, dict]:
     _use_assigned_cpus()
-    key = steps.fingerprint(step="prepare", source=source)
-    folder, result = steps.cached_step(
-        Path(cache), "prepare", key, lambda out: steps.prepare_source(source, out)
-    )
+    folder, result = steps.prepare(source, Path(cache))
     return str(folder), result
 
 
@@ -82,26 +95,26 @@ def _prepare(source: str, cache: str) -> tuple[str, dict]:
 @ray.remote
 def _awq(prepared: tuple[str, dict], recipe: dict, cache: str) -> tuple[str, dict]:
     _use_assigned_cpus()
-    fp_dir = prepared[0]
     r = QuantRecipe.model_validate(recipe)
-    key = steps.fingerprint(step="awq", fp=Path(fp_dir), recipe=r.awq_inputs())
-    folder, result = steps.cached_step(
-        Path(cache), "awq", key, lambda out: steps.run_awq(Path(fp_dir), r, out)
-    )
+    folder, result = steps.awq(Path(prepared[0]), prepared[1], r, Path(cache))
     return str(folder), result
 
 
 @ray.remote
 def _evaluate(prepared: tuple[str, dict], awq: tuple[str, dict], recipe: dict, cache: str) -> dict:
     _use_assigned_cpus()
-    fp_dir, awq_dir = prepared[0], awq[0]
     r = QuantRecipe.model_validate(recipe)
-    key = steps.fingerprint(step="eval", fp=Path(fp_dir), awq=Path(awq_dir), recipe=r.eval_inputs())
+    return steps.evaluate_cached(Path(prepared[0]), prepared[1], Path(awq[0]), awq[1], r,
+                                 Path(cache))  # fmt: skip
 
-    def run(out: Path) -> dict:
-        return steps.evaluate(Path(fp_dir), Path(awq_dir), r)
 
-    return steps.cached_step(Path(cache), "eval", key, run)[1]
+@ray.remote
+def _served(prepared: tuple[str, dict], awq: tuple[str, dict], recipe: dict, check: Any,
+            cache: str) -> dict:  # fmt: skip
+    _use_assigned_cpus()
+    r = QuantRecipe.model_validate(recipe)
+    return steps.served_cached(Path(prepared[0]), prepared[1], Path(awq[0]), awq[1], r, check,
+                               Path(cache))  # fmt: skip
 
 
 def _timed(ref: ray.ObjectRef, spec: JobSpec, step: str) -> tuple[Any, float]:
@@ -124,10 +137,18 @@ class _Branch:
     prepared: ray.ObjectRef
     awq: ray.ObjectRef
     evaluation: ray.ObjectRef
+    served: ray.ObjectRef | None  # None: no check given, or nothing of this recipe is served
+
+    def refs(self) -> list[ray.ObjectRef]:
+        return [r for r in (self.prepared, self.awq, self.evaluation, self.served) if r]
 
 
 def _submit(
-    specs: list[JobSpec], cache: str, gpus: float | None = None, cpus: float | None = None
+    specs: list[JobSpec],
+    cache: str,
+    served: ServedCheckPolicy,
+    gpus: float | None = None,
+    cpus: float | None = None,
 ) -> list[_Branch]:
     """Bind every job's tasks; jobs on the same source share one prepare task."""
     res = _resources(gpus, cpus)
@@ -139,7 +160,12 @@ def _submit(
             prepared[spec.source] = _prepare.remote(spec.source, cache)
         awq = _awq.options(**res).remote(prepared[spec.source], recipe, cache)
         evaluation = _evaluate.options(**res).remote(prepared[spec.source], awq, recipe, cache)
-        branches.append(_Branch(spec, prepared[spec.source], awq, evaluation))
+        check = None
+        if served.check is not None and spec.recipe.publishable:
+            check = _served.options(**res).remote(
+                prepared[spec.source], awq, recipe, served.check, cache
+            )
+        branches.append(_Branch(spec, prepared[spec.source], awq, evaluation, check))
     return branches
 
 
@@ -149,7 +175,7 @@ def _cancel(branches: list[_Branch], cache: Path, grace_s: float = 10.0) -> None
     Some libraries swallow KeyboardInterrupt (bare `except` around optional imports), so a task
     still running after `grace_s` is killed, and the temp folder it leaves is removed here.
     """
-    refs = list(dict.fromkeys(r for b in branches for r in (b.prepared, b.awq, b.evaluation)))
+    refs = list(dict.fromkeys(r for b in branches for r in b.refs()))
     for ref in refs:
         ray.cancel(ref)
     _, running = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
@@ -171,69 +197,116 @@ def run_jobs(
     publish: bool = True,
     gpus: float | None = None,
     cpus: float | None = None,
+    served: ServedCheckPolicy | None = None,
 ) -> list[JobResult]:
     """Run every job's graph; branches run in parallel as far as resources allow.
 
-    `gpus`/`cpus`: what each AWQ and evaluation task asks for (see `_resources`).
-
+    `gpus`/`cpus`: what each AWQ and evaluation task asks for (see `_resources`). `served`
+    carries the served-path check (the CLI injects the serving engine's); without one,
+    publishable recipes fail their gate unless the policy waives the check.
     A failed step raises `PipelineError`; a failure or an interrupt (Ctrl-C, `ray job stop`)
     cancels the remaining tasks first, so no step output is left half-written.
     """
     cache = registry.root / ".cache"
-    branches = _submit(specs, str(cache), gpus, cpus)
+    served = served or ServedCheckPolicy()
+    branches = _submit(specs, str(cache), served, gpus, cpus)
     results = []
     try:
         for branch in branches:
-            results.append(_finish(branch, registry, publish))
+            results.append(_finish(branch, registry, publish, served))
     except BaseException:
         _cancel(branches, cache)
         raise
     return results
 
 
-def _finish(branch: _Branch, registry: Registry, publish: bool) -> JobResult:
+def _served_outcome(
+    branch: _Branch, policy: ServedCheckPolicy
+) -> tuple[ServedCheckResult | None, bool, str, float, bool | None]:
+    """(result, required, why it did not run, seconds, reused) of a branch's served check."""
+    recipe = branch.spec.recipe
+    if not recipe.publishable:
+        return None, False, "evaluate-only recipe: nothing of it is served", 0.0, None
+    if branch.served is None:
+        why = "waived by the caller" if policy.waived else "no served-path check was given"
+        return None, not policy.waived, why, 0.0, None
+    data, seconds = _timed(branch.served, branch.spec, "served-path check")
+    reused = data.pop("reused")
+    return ServedCheckResult.from_dict(data), True, "", seconds, reused
+
+
+PUBLISHING = "passed: published to the registry under the next free version of this recipe"
+
+
+def _outcome(recipe: QuantRecipe, passed: bool, publish: bool) -> str:
+    if not recipe.publishable:
+        loaders = ", ".join(recipe.loaders) or "none (no packing kernels below 4 bits)"
+        return (
+            f"evaluated, not published: recipe {recipe.name} is evaluate-only (loads in: {loaders})"
+        )
+    if not passed:
+        return "NOT PUBLISHED: failed its quality gate"
+    if not publish:
+        return "evaluated, not published (publishing was turned off)"
+    return PUBLISHING
+
+
+def _finish(
+    branch: _Branch, registry: Registry, publish: bool, policy: ServedCheckPolicy
+) -> JobResult:
     """Wait for one branch, gate it, and publish it when it passes."""
     spec = branch.spec
     (fp_dir, prep_info), t_prep = _timed(branch.prepared, spec, "prepare")
     (awq_dir, awq_info), t_awq = _timed(branch.awq, spec, "awq")
     ev, t_eval = _timed(branch.evaluation, spec, "evaluate")
-    # The gate is not part of the evaluation's cache key: apply this recipe's thresholds.
-    ev["gate"] = asdict(steps.gate(spec.recipe, ev["qualities"]))
-    timings = {"prepare_s": t_prep, "awq_s": awq_info.get("seconds", t_awq), "eval_s": t_eval}
+    served, required, why, t_served, served_reused = _served_outcome(branch, policy)
+    # The gate is not part of any cache key: apply this recipe's thresholds now.
+    verdict = gate(spec.recipe.gate, ev["qualities"], served, required, why)
+    ev["gate"] = verdict.to_dict()
+    ev["served_check"] = None if served is None else served.to_dict()
+    timings = {"prepare_s": t_prep, "awq_s": awq_info.get("seconds", t_awq), "eval_s": t_eval,
+               "served_check_s": t_served}  # fmt: skip
     reused = {"prepare": prep_info["reused"], "awq": awq_info["reused"], "eval": ev["reused"]}
-    md = report.markdown(spec.name, spec.recipe, ev, timings)
+    if served_reused is not None:
+        reused["served"] = served_reused
+    outcome = _outcome(spec.recipe, verdict.passed, publish)
+    md = report.markdown(spec.name, spec.recipe, ev, timings, outcome)
     published = None
-    if publish and ev["gate"]["passed"] and spec.recipe.servable:
-        published = _publish(registry, spec, Path(fp_dir), Path(awq_dir), ev, md)
-    return JobResult(spec, published, ev, timings, reused, md)
+    if outcome == PUBLISHING:
+        published = _publish(registry, spec, Path(fp_dir), prep_info, Path(awq_dir), ev, md)
+        outcome = f"published {published}"
+    return JobResult(spec, published, ev, timings, reused, md, outcome)
 
 
-def _publish(registry: Registry, spec: JobSpec, fp_dir: Path, awq_dir: Path, ev: dict,
-             md: str) -> Path:  # fmt: skip
-    """Copy into staging, add the report, and rename into `<name>/<version>/`."""
-    versions = library_versions()
-    recipe = spec.recipe.model_dump()
+def _publish(registry: Registry, spec: JobSpec, fp_dir: Path, prepared: dict, awq_dir: Path,
+             ev: dict, md: str) -> Path:  # fmt: skip
+    """Copy into staging, add the report, and rename into a newly allocated version."""
+    provenance = {
+        "source_model": spec.source,
+        "source_revision": prepared.get("source_revision"),
+        "library_versions": library_versions(),
+        "project_version": project_version(),
+    }
     if spec.publish_fp16:
         fp_name = f"{spec.name}-fp16"
         if not registry.versions(fp_name):
             with registry.staging(fp_name) as staged:
                 _copy_model(fp_dir, staged)
-                registry.publish(staged, Manifest(name=fp_name, version="1", kind="fp16",
-                                                  source_model=spec.source,
-                                                  library_versions=versions,
-                                                  evaluation=ev["qualities"]["fp16"]))  # fmt: skip
-    version = f"{spec.recipe.name}-{len(registry.versions(spec.name)) + 1}"
+                registry.publish_next(staged, Manifest(name=fp_name, version="-", kind="fp16",
+                                                       evaluation=ev["qualities"]["fp16"],
+                                                       **provenance), prefix="")  # fmt: skip
     with registry.staging(spec.name) as staged:
         _copy_model(awq_dir, staged)
         (staged / "REPORT.md").write_text(md)
         report.chart(ev["qualities"], staged / "report.png", f"{spec.name} {spec.recipe.name}")
         manifest = Manifest(
-            name=spec.name, version=version, kind="awq", source_model=spec.source,
-            recipe=recipe, library_versions=versions,
+            name=spec.name, version="-", kind="awq", recipe=spec.recipe.model_dump(),
             evaluation={**ev["qualities"], "candidate": ev["qualities"]["awq"],
-                        "gate": ev["gate"], "eval_tokens": ev["eval_tokens"]},
+                        "gate": ev["gate"], "served_check": ev["served_check"],
+                        "held_out": ev.get("held_out"), "eval_tokens": ev["eval_tokens"]},
+            **provenance,
         )  # fmt: skip
-        return registry.publish(staged, manifest)
+        return registry.publish_next(staged, manifest, prefix=spec.recipe.name)
 
 
 def _copy_model(src: Path, dst: Path) -> None:

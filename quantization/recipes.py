@@ -10,6 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "quant"
 
+SERVED_BY_AWQ_SERVE = "awq-serve (transformers + gptqmodel kernels)"
+# Who loads each AutoAWQ packing. GEMV has AutoAWQ's own CUDA kernel only: vLLM, TGI and
+# transformers' AWQ integration load GEMM, so a GEMV artifact is evaluated, never published.
+PACKING_LOADERS: dict[str, tuple[str, ...]] = {
+    "gemm": (SERVED_BY_AWQ_SERVE, "vLLM", "TGI", "transformers"),
+    "gemv": ("AutoAWQ and transformers+gptqmodel GEMV kernels (CUDA)",),
+}
+
 
 class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +49,21 @@ class GateSpec(BaseModel):
     min_top1_agreement: float = Field(
         0.7, ge=0, le=1, description="Min share of next tokens where AWQ's top-1 equals FP16's."
     )
+    rtn_noise_pct: float = Field(
+        0.5,
+        ge=0,
+        description="Rise (% of FP16 perplexity) allowed on top of the RTN-relative "
+        "limit: measurement noise, which is all there is when RTN loses nothing.",
+    )
+    max_kl: float = Field(
+        0.25, gt=0, description="Max mean KL(FP16 || AWQ) of next-token distributions, nats."
+    )
+    max_served_kl: float = Field(
+        1e-3, gt=0, description="Max mean KL between the serving engine and transformers' forward."
+    )
+    min_served_top1: float = Field(
+        0.98, ge=0, le=1, description="Min top-1 agreement of the serving engine with transformers."
+    )
 
 
 class QuantRecipe(BaseModel):
@@ -67,12 +90,24 @@ class QuantRecipe(BaseModel):
 
     @property
     def servable(self) -> bool:
-        """Only 4-bit artifacts have packing kernels in AutoAWQ / transformers."""
+        """Packed (4-bit) artifacts; 3-bit ones stay AWQ-scaled FP weights (no kernels)."""
         return self.w_bit == 4
 
-    def awq_inputs(self) -> dict:
-        """What the AWQ step's output depends on (its cache key): not the name, eval or gate."""
-        return self.model_dump(exclude={"name", "evaluation", "gate"})
+    @property
+    def loaders(self) -> tuple[str, ...]:
+        """Servers that can load this recipe's artifact."""
+        return PACKING_LOADERS[self.version] if self.servable else ()
+
+    @property
+    def publishable(self) -> bool:
+        """Published only when a server we run can load it; others are evaluated only."""
+        return SERVED_BY_AWQ_SERVE in self.loaders
+
+    def awq_inputs(self, packing: bool = True) -> dict:
+        """What the AWQ step's output depends on (its cache key): not the name, eval or gate;
+        the search (`packing=False`) does not depend on the packing layout either."""
+        exclude = {"name", "evaluation", "gate"} | (set() if packing else {"version"})
+        return self.model_dump(exclude=exclude)
 
     def eval_inputs(self) -> dict:
         """What the evaluation's figures depend on; the gate is applied to them uncached."""

@@ -8,10 +8,10 @@ failed or interrupted job leaves nothing under `<name>/`. Readers verify hashes 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,8 +20,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from quantization.owner import owned_temp_dir, sweep_dead
+
 MANIFEST = "manifest.json"
 STAGING = ".staging"
+LOCK = ".lock"
+HIGH_WATER = ".last-version"  # highest version number ever allocated for the name
+STALE_STAGING_S = 24 * 3600.0
 DEFAULT_ROOT = Path("models")
 
 
@@ -33,7 +38,8 @@ class Manifest(BaseModel):
     name: str
     version: str
     source_model: str
-    source_revision: str | None = None
+    source_revision: str | None = Field(None, description="Content hash or hub commit.")
+    project_version: str | None = Field(None, description="awq-serve's version and code digest.")
     kind: str = Field("awq", description="awq (servable artifact) or fp16 (source copy).")
     recipe: dict[str, Any] = Field(default_factory=dict)
     library_versions: dict[str, str] = Field(default_factory=dict)
@@ -71,6 +77,52 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, then `folder` itself."""
+    for p in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) held for the block; other processes wait."""
+    with path.open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _number(version: str) -> int:
+    """The allocation number of a version folder (`w4-g64-3` -> 3, `2` -> 2), else 0."""
+    tail = version.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
 def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in version.replace("-", ".").split("."))
 
@@ -84,32 +136,73 @@ class Registry:
 
     @contextmanager
     def staging(self, name: str) -> Iterator[Path]:
-        """A temp folder on the registry's filesystem; removed unless it was published."""
+        """A temp folder on the registry's filesystem; removed unless it was published.
+
+        Named after this host and process: what a killed job left is swept here, by the next
+        run, as is anything older than `STALE_STAGING_S` (another host's, or a reused pid).
+        """
         staging_root = self.root / STAGING
-        staging_root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+        sweep_dead(staging_root, "", max_age_s=STALE_STAGING_S)
+        folder = owned_temp_dir(staging_root, f"{name}-")
         try:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def allocate_version(self, name: str, prefix: str) -> str:
+        """Reserve `<prefix>-<n>` with n one above every number this name ever had.
+
+        Under an exclusive lock on the name's folder: concurrent publishers get different
+        numbers, and the high-water mark on disk keeps numbers monotonic after a version is
+        deleted. The reservation is an empty folder (readers skip folders without a manifest);
+        `publish` renames the staged folder onto it.
+        """
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder / LOCK):
+            mark = folder / HIGH_WATER
+            last = int(mark.read_text()) if mark.is_file() else 0
+            used = [_number(p.name) for p in folder.iterdir() if p.is_dir()]
+            number = max([last, *used]) + 1
+            _write_durably(mark, str(number))
+            version = f"{prefix}-{number}" if prefix else str(number)
+            (folder / version).mkdir()  # exclusive: fails loudly rather than share a version
+        return version
+
     def publish(self, staged: Path, manifest: Manifest, replace: bool = False) -> Path:
-        """Hash the staged files, write the manifest, and rename the folder into place."""
+        """Hash the staged files, write the manifest, fsync, and rename the folder into place.
+
+        The target may be absent or the empty folder `allocate_version` reserved.
+        """
         target = self.path(manifest.name, manifest.version)
-        if target.exists() and not replace:
+        reserved = target.is_dir() and not any(target.iterdir())
+        if target.exists() and not reserved and not replace:
             raise RegistryError(f"{manifest.name}:{manifest.version} is already published")
         manifest = manifest.model_copy(update={"files": hash_tree(staged)})
         tmp_manifest = staged / f".{MANIFEST}.tmp"
         tmp_manifest.write_text(manifest.model_dump_json(indent=2))
         os.replace(tmp_manifest, staged / MANIFEST)
+        fsync_tree(staged)  # the data is on disk before the rename makes it visible
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
+        if target.exists() and not reserved:
             trash = self.root / STAGING / f"replaced-{manifest.name}-{manifest.version}"
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(target, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        os.replace(staged, target)
+        os.replace(staged, target)  # onto an empty reserved folder: POSIX rename allows it
+        _fsync_dir(target.parent)
         return target
+
+    def publish_next(self, staged: Path, manifest: Manifest, prefix: str) -> Path:
+        """Publish under a newly allocated version `<prefix>-<n>`."""
+        version = self.allocate_version(manifest.name, prefix)
+        try:
+            return self.publish(staged, manifest.model_copy(update={"version": version}))
+        except BaseException:
+            reservation = self.path(manifest.name, version)
+            if reservation.is_dir() and not any(reservation.iterdir()):
+                reservation.rmdir()  # the number stays used: the high-water mark has it
+            raise
 
     def manifest(self, name: str, version: str) -> Manifest:
         path = self.path(name, version) / MANIFEST

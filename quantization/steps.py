@@ -8,42 +8,26 @@ and process, so those of a killed process are found and removed (`remove_dead_te
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
-import socket
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantization.cache_keys import source_revision, step_key, tree_digest
+from quantization.owner import owned_temp_dir, sweep_dead
 from quantization.recipes import QuantRecipe
+from quantization.served import DEFAULT_CHAT_PROBES, ServedPathCheck
 
 DEMO_SOURCE = "demo"
 DONE = ".done.json"
-# `.tmp-<step>-<host>-<pid>-<mkdtemp suffix>`; the suffix has no "-".
-_TEMP = re.compile(r"\.tmp-[^-]+-(?P<host>.+)-(?P<pid>\d+)-[^-]*")
+# `.tmp-<step>-<host>-<pid>-<mkdtemp suffix>` (see `owner`).
+TEMP_PREFIX = ".tmp-"
 
 
 class PipelineError(RuntimeError):
     """A job failure with a message the user can act on."""
-
-
-def fingerprint(**parts: Any) -> str:
-    """Stable key of a step's inputs (paths are keyed by name, size and mtime of their files)."""
-
-    def norm(v: Any) -> Any:
-        if isinstance(v, Path) and v.is_dir():
-            return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(v.iterdir())]
-        if isinstance(v, Path):
-            return str(v)
-        return v
-
-    blob = json.dumps({k: norm(v) for k, v in sorted(parts.items())}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cached_step(
@@ -56,8 +40,7 @@ def cached_step(
         return final, {**json.loads(marker.read_text()), "reused": True}
     cache_root.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(cache_root)
-    prefix = f".tmp-{step}-{socket.gethostname()}-{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_root))
+    tmp = owned_temp_dir(cache_root, f"{TEMP_PREFIX}{step}-")
     try:
         result = run(tmp)
         (tmp / DONE).write_text(json.dumps(result, indent=2, default=str))
@@ -73,23 +56,74 @@ def cached_step(
 
 def remove_dead_temps(cache_root: Path) -> list[Path]:
     """Remove temp folders that processes of this host, now gone (killed jobs), left behind."""
-    host, removed = socket.gethostname(), []
-    for tmp in cache_root.glob(".tmp-*"):
-        owner = _TEMP.fullmatch(tmp.name)
-        if owner and owner["host"] == host and not _alive(int(owner["pid"])):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
+    return sweep_dead(cache_root, TEMP_PREFIX)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+PREPARE_CODE = ("quantization.steps", "quantization.demo_model")
+AWQ_CODE = ("quantization.awq", "quantization.autoawq_patches", "quantization.quant_math",
+            "quantization.calibration")  # fmt: skip
+EVAL_CODE = ("quantization.evaluate", "quantization.calibration", "quantization.quant_math")
+
+
+def prepare_key(source: str) -> tuple[str, str]:
+    """(cache key, source revision): the key changes when the source's content does."""
+    revision = source_revision(source, DEMO_SOURCE)
+    return step_key("prepare", PREPARE_CODE, source=source, revision=revision), revision
+
+
+def prepare(source: str, cache: Path) -> tuple[Path, dict]:
+    """Step 1, cached by the source's content: a float16 HF folder of the source model."""
+    key, revision = prepare_key(source)
+
+    def run(out: Path) -> dict:
+        return {**prepare_source(source, out), "source_revision": revision,
+                "content": tree_digest(out)}  # fmt: skip
+
+    return cached_step(cache, "prepare", key, run)
+
+
+def awq(fp_dir: Path, prepared: dict, recipe: QuantRecipe, cache: Path) -> tuple[Path, dict]:
+    """Step 2 in two cached parts: the search (scales and clips as tensors, keyed by the FP16
+    content, the search inputs, code and libraries) and apply+pack (keyed by the search and the
+    packing). Another packing of the same search reuses the search."""
+    search_inputs = recipe.awq_inputs(packing=False)
+    key = step_key("search", AWQ_CODE, fp=prepared["content"], recipe=search_inputs)
+
+    def search(out: Path) -> dict:
+        return {**run_search(fp_dir, recipe, out), "content": tree_digest(out)}
+
+    search_dir, found = cached_step(cache, "search", key, search)
+    key = step_key("awq", AWQ_CODE, search=found["content"], recipe=recipe.awq_inputs())
+
+    def pack(out: Path) -> dict:
+        from quantization.awq import SEARCH_FILE, apply_and_pack, load_search
+
+        apply_and_pack(fp_dir, load_search(search_dir / SEARCH_FILE), recipe, out)
+        return {"content": tree_digest(out), "search_dir": str(search_dir)}
+
+    folder, packed = cached_step(cache, "awq", key, pack)
+    return folder, {**found, **packed, "reused": found["reused"] and packed["reused"]}
+
+
+def evaluate_cached(
+    fp_dir: Path, prepared: dict, awq_dir: Path, awq_result: dict, recipe: QuantRecipe,
+    cache: Path,
+) -> dict:  # fmt: skip
+    """Step 3, cached by both models' content, the evaluation inputs, code and libraries."""
+    key = step_key("eval", EVAL_CODE, fp=prepared["content"], awq=awq_result["content"],
+                   recipe=recipe.eval_inputs())  # fmt: skip
+    return cached_step(cache, "eval", key, lambda out: evaluate(fp_dir, awq_dir, recipe))[1]
+
+
+def served_cached(
+    fp_dir: Path, prepared: dict, awq_dir: Path, awq_result: dict, recipe: QuantRecipe,
+    check: ServedPathCheck, cache: Path,
+) -> dict:  # fmt: skip
+    """Step 4, cached by both models' content, the held-out prompts and the check's own key."""
+    key = step_key("served", EVAL_CODE, fp=prepared["content"], awq=awq_result["content"],
+                   recipe=recipe.eval_inputs(), check=check.key)  # fmt: skip
+    run = lambda out: served_path_check(fp_dir, awq_dir, recipe, check)  # noqa: E731
+    return cached_step(cache, "served", key, run)[1]
 
 
 def prepare_source(source: str, out: Path) -> dict:
@@ -115,62 +149,44 @@ def prepare_source(source: str, out: Path) -> dict:
     return {"source": source}
 
 
-def run_awq(fp_dir: Path, recipe: QuantRecipe, out: Path) -> dict:
-    """Step 2: calibrate and quantize; writes the artifact into `out`."""
+def run_search(fp_dir: Path, recipe: QuantRecipe, out: Path) -> dict:
+    """Step 2a: calibrate and search AWQ scales and clips; writes them into `out`."""
     from transformers import AutoTokenizer
 
-    from quantization.awq import quantize_awq
+    from quantization.awq import search_awq
     from quantization.calibration import build_blocks, source_from_spec
 
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     cal = recipe.calibration
     blocks = build_blocks(source_from_spec(cal.source), tokenizer, cal.n_samples, cal.seq_len)
-    result = quantize_awq(fp_dir, out, recipe, blocks)
+    result = search_awq(fp_dir, out, recipe, blocks)
     return {"seconds": result.seconds, "device": result.device, "calib_tokens": blocks.numel()}
 
 
-@dataclass
-class GateResult:
-    passed: bool
-    reasons: list[str] = field(default_factory=list)
+def held_out_blocks(fp_dir: Path, recipe: QuantRecipe) -> tuple[Any, dict]:
+    """(blocks (n_blocks, block_len) of held-out text tokenised for `fp_dir`, what was held out).
 
+    The text is the evaluation part of its source with calibration's 13-word sequences removed.
+    """
+    from transformers import AutoTokenizer
 
-def gate(recipe: QuantRecipe, qualities: dict[str, dict]) -> GateResult:
-    """Apply the recipe's thresholds to the evaluation; reasons say which failed and by how much."""
-    fp, rtn, awq = qualities["fp16"], qualities["rtn"], qualities["awq"]
-    g = recipe.gate
-    reasons = []
-    rise_pct = (awq["perplexity"] / fp["perplexity"] - 1) * 100
-    if rise_pct > g.max_ppl_increase_pct:
-        reasons.append(
-            f"AWQ perplexity rose {rise_pct:.1f}% over FP16 (max {g.max_ppl_increase_pct}%)"
-        )
-    rtn_rise = rtn["perplexity"] - fp["perplexity"]
-    awq_rise = awq["perplexity"] - fp["perplexity"]
-    if rtn_rise > 0 and awq_rise > g.max_increase_vs_rtn * rtn_rise:
-        reasons.append(
-            f"AWQ's perplexity rise {awq_rise:.3f} is over "
-            f"{g.max_increase_vs_rtn}x RTN's {rtn_rise:.3f}"
-        )
-    if awq["top1_agreement"] < g.min_top1_agreement:
-        reasons.append(
-            f"top-1 agreement {awq['top1_agreement']:.3f} is under {g.min_top1_agreement}"
-        )
-    return GateResult(not reasons, reasons)
-
-
-def evaluate(fp_dir: Path, awq_dir: Path, recipe: QuantRecipe) -> dict:
-    """Step 3: FP16 vs RTN vs AWQ on held-out text; sizes on disk; the gate's verdict."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quantization.calibration import build_blocks, source_from_spec
-    from quantization.evaluate import compare_models, rtn_copy, weights_size_bytes
+    from quantization.calibration import ListSource, build_blocks, held_out_documents
 
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     ev = recipe.evaluation
-    blocks = build_blocks(source_from_spec(ev.source, "evaluation"), tokenizer, ev.n_blocks,
-                          ev.block_len)  # fmt: skip
+    held = held_out_documents(ev.source, recipe.calibration.source)
+    source = ListSource(held.description, tuple(held.documents))
+    return build_blocks(source, tokenizer, ev.n_blocks, ev.block_len), held.summary()
+
+
+def evaluate(fp_dir: Path, awq_dir: Path, recipe: QuantRecipe) -> dict:
+    """Step 3: FP16 vs RTN vs AWQ on held-out text; sizes on disk (the gate is applied after)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantization.evaluate import compare_models, rtn_copy, weights_size_bytes
+
+    blocks, held_out = held_out_blocks(fp_dir, recipe)
     dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fp = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=dtype, device_map=device)
@@ -180,12 +196,20 @@ def evaluate(fp_dir: Path, awq_dir: Path, recipe: QuantRecipe) -> dict:
     qualities = {k: v.to_dict() for k, v in results.items()}
     qualities["fp16"]["size_bytes"] = weights_size_bytes(fp_dir)
     qualities["awq"]["size_bytes"] = weights_size_bytes(awq_dir)
-    verdict = gate(recipe, qualities)
-    return {
-        "qualities": qualities,
-        "eval_tokens": int(blocks.numel()),
-        "gate": asdict(verdict),
-    }
+    return {"qualities": qualities, "eval_tokens": int(blocks.numel()), "held_out": held_out}
+
+
+def served_path_check(
+    fp_dir: Path, awq_dir: Path, recipe: QuantRecipe, check: ServedPathCheck
+) -> dict:
+    """Step 4: the candidate through the serving engine vs its transformers forward.
+
+    Prompts are held-out blocks cut to different lengths, so packed prefill mixes lengths.
+    """
+    blocks = held_out_blocks(fp_dir, recipe)[0]
+    lengths = [max(8, blocks.shape[1] * k // 4) for k in (4, 3, 2, 1)]
+    prompts = [blocks[i % blocks.shape[0], :n].tolist() for i, n in enumerate(lengths)]
+    return check(fp_dir, awq_dir, prompts, list(DEFAULT_CHAT_PROBES)).to_dict()
 
 
 def load_awq_for_eval(awq_dir: Path, recipe: QuantRecipe, dtype, device: str):

@@ -15,10 +15,14 @@ from quantization.calibration import (
     FileSource,
     HuggingFaceSource,
     PydocSource,
+    SplitSource,
     build_blocks,
     chunk_blocks,
+    held_out_documents,
+    remove_seen_ngrams,
     source_from_spec,
     token_stream,
+    word_ngrams,
 )
 
 
@@ -130,13 +134,47 @@ def test_source_from_spec_pydoc_keeps_the_part() -> None:
 
 
 @pytest.mark.parametrize("name", ["data/calib.txt", "data/calib.jsonl"])
-def test_source_from_spec_path_gives_file_source(name: str) -> None:
-    assert source_from_spec(name) == FileSource(Path(name))
+def test_source_from_spec_path_gives_a_split_file_source(name: str) -> None:
+    assert source_from_spec(name) == SplitSource(FileSource(Path(name)), "calibration")
+    assert source_from_spec(name, "evaluation").part == "evaluation"
 
 
 def test_source_from_spec_hf_parses_dataset_and_split() -> None:
-    assert source_from_spec("hf:org/data:validation") == HuggingFaceSource("org/data", "validation")
-    assert source_from_spec("hf:org/data").split == "train"
+    assert source_from_spec("hf:org/data:validation").inner == HuggingFaceSource(
+        "org/data", "validation"
+    )
+    assert source_from_spec("hf:org/data").inner.split == "train"
+
+
+def test_file_source_is_split_by_document_with_a_fixed_seed(tmp_path: Path) -> None:
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(f"document number {i}" for i in range(40)), encoding="utf-8")
+    calibration = source_from_spec(str(path), "calibration").documents()
+    evaluation = source_from_spec(str(path), "evaluation").documents()
+    assert len(evaluation) == 10 and len(calibration) == 30
+    assert set(calibration).isdisjoint(evaluation)
+    assert evaluation == source_from_spec(str(path), "evaluation").documents()  # same seed
+    assert (
+        "evaluation part, document split seed 0" in source_from_spec(str(path), "evaluation").name
+    )
+
+
+def test_evaluation_text_keeps_no_13_word_sequence_of_the_calibration_text() -> None:
+    held = held_out_documents("pydoc", "pydoc")
+    seen = word_ngrams(PydocSource("calibration").documents(), 13)
+    assert word_ngrams(PydocSource("evaluation").documents(), 13) & seen, "pydoc topics overlap"
+    assert not word_ngrams(held.documents, 13) & seen
+    assert 0 < held.words_removed < 0.1 * held.words_before
+    assert held.summary()["removed_pct"] == pytest.approx(
+        100 * held.words_removed / held.words_before
+    )
+
+
+def test_remove_seen_ngrams_cuts_only_the_repeated_run() -> None:
+    seen = word_ngrams(["b c d"], 3)
+    pieces, words, removed = remove_seen_ngrams("a  b c d\ne f", seen, 3)
+    assert pieces == ["a", "e f"]
+    assert (words, removed) == (6, 3)
 
 
 def test_source_from_spec_unknown_spec_lists_the_accepted_forms() -> None:

@@ -22,14 +22,24 @@ import torch
 import yaml
 
 from deployments.model_source import ModelUnavailable, resolve_model_dir
+from deployments.served_check import EngineServedCheck
 from quantization import cli, steps
-from quantization.pipeline import JobResult, JobSpec, run_jobs
+from quantization.gate import gate
+from quantization.pipeline import JobResult, JobSpec, ServedCheckPolicy, run_jobs
 from quantization.recipes import CalibrationSpec, EvaluationSpec, GateSpec, QuantRecipe
 from quantization.registry import MANIFEST, STAGING, Registry, sha256_file
 
 NAME = "tiny"
 # A random model's perplexity is about its vocabulary size: only the top-1 check means anything.
-LOOSE_GATE = GateSpec(max_ppl_increase_pct=1000.0, max_increase_vs_rtn=100.0, min_top1_agreement=0)
+LOOSE_GATE = GateSpec(
+    max_ppl_increase_pct=1000.0,
+    max_increase_vs_rtn=100.0,
+    min_top1_agreement=0,
+    max_kl=100.0,
+    rtn_noise_pct=100.0,  # RTN's rise on a random model is noise, often negative
+)
+# The serving engine's own check, as the CLI injects it.
+SERVED = ServedCheckPolicy(EngineServedCheck())
 
 
 def tiny_recipe(**update: object) -> QuantRecipe:
@@ -65,7 +75,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 @pytest.fixture(scope="module")
 def first_run(ray_local: None, registry: Registry, tiny_llama_dir: Path) -> FirstRun:
     start = time.perf_counter()
-    [result] = run_jobs([JobSpec(str(tiny_llama_dir), NAME, tiny_recipe())], registry)
+    [result] = run_jobs(
+        [JobSpec(str(tiny_llama_dir), NAME, tiny_recipe())], registry, served=SERVED
+    )
     return FirstRun(result, time.perf_counter() - start)
 
 
@@ -102,6 +114,7 @@ def _leftovers(registry: Registry) -> list[str]:
 def test_job_publishes_version_with_hashes_evaluation_report_and_chart(
     first_run: FirstRun, registry: Registry
 ) -> None:
+    assert first_run.result.evaluation["gate"]["reasons"] == []
     published = first_run.result.published
     assert published == registry.path(NAME, "tiny-1")
     manifest = registry.manifest(NAME, "tiny-1")
@@ -113,7 +126,9 @@ def test_job_publishes_version_with_hashes_evaluation_report_and_chart(
     for model in ("fp16", "rtn", "awq"):
         assert math.isfinite(manifest.evaluation[model]["perplexity"])
     assert manifest.evaluation["candidate"] == manifest.evaluation["awq"]
-    assert manifest.evaluation["gate"] == {"passed": True, "reasons": []}
+    assert manifest.evaluation["gate"]["passed"] is True
+    assert manifest.evaluation["gate"]["reasons"] == []
+    assert manifest.evaluation["served_check"]["kl_per_token"] < 1e-3
     assert "| AWQ |" in (published / "REPORT.md").read_text()
     assert (published / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _leftovers(registry) == []
@@ -245,7 +260,7 @@ def test_gate_rejects_awq_artifact_whose_scales_are_tripled(
     from safetensors.torch import load_file, save_file
 
     strict = tiny_recipe(gate=GateSpec())
-    assert steps.gate(strict, first_run.result.evaluation["qualities"]).passed
+    assert gate(strict.gate, first_run.result.evaluation["qualities"], served_required=False).passed
     broken = tmp_path / "broken"
     shutil.copytree(first_run.result.published, broken)
     weights = broken / "model.safetensors"
@@ -254,9 +269,10 @@ def test_gate_rejects_awq_artifact_whose_scales_are_tripled(
     assert scaled.keys() == tensors.keys() and any(k.endswith(".scales") for k in scaled)
     save_file(scaled, weights, metadata={"format": "pt"})
 
-    verdict = steps.evaluate(tiny_llama_dir, broken, strict)["gate"]
-    assert verdict["passed"] is False
-    assert any("top-1 agreement" in reason for reason in verdict["reasons"])
+    qualities = steps.evaluate(tiny_llama_dir, broken, strict)["qualities"]
+    verdict = gate(strict.gate, qualities, served_required=False)
+    assert verdict.passed is False
+    assert any("top-1 agreement" in reason for reason in verdict.reasons)
 
 
 def test_job_failing_its_gate_is_not_published_and_cli_exits_1(
@@ -273,8 +289,9 @@ def test_job_failing_its_gate_is_not_published_and_cli_exits_1(
     out, err = capsys.readouterr()
     assert rc == 1
     assert "NOT PUBLISHED: strict failed its quality gate" in err
-    assert "(reused cached steps: prepare, awq, eval)" in out
-    assert "Gate: FAILED: top-1 agreement" in out
+    assert "(reused cached steps: prepare, awq, eval, served)" in out
+    assert "Gate: FAILED\n" in out
+    assert "- FAIL: top-1 agreement with FP16 = " in out
     assert not (registry.root / "strict").exists()
     assert _leftovers(registry) == []
 

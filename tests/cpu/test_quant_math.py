@@ -96,3 +96,14 @@ def test_patched_scale_search_restores_weights_between_grid_points() -> None:
     with torch.no_grad():
         bound(*args, linear(x))
     assert not torch.equal(linear.weight, before), "AutoAWQ's original still has the bug"
+
+
+def test_group_gram_in_chunks_equals_the_gram_of_all_tokens_at_once() -> None:
+    torch.manual_seed(5)
+    x = torch.randn(1000, 128, dtype=torch.float16)
+    whole = group_gram(x, 64, chunk_tokens=10_000)
+    chunked = group_gram(x, 64, chunk_tokens=96)  # 1000 is not a multiple: a short last chunk
+    assert chunked.dtype == torch.float32 and chunked.shape == (2, 64, 64)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    xf = x.float().reshape(1000, 2, 64)
+    torch.testing.assert_close(whole[1], xf[:, 1].T @ xf[:, 1] / 1000, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +16,7 @@ import pytest
 from quantization.registry import (
     MANIFEST,
     STAGING,
+    STALE_STAGING_S,
     Manifest,
     Registry,
     RegistryError,
@@ -168,3 +175,98 @@ def test_manifest_table_lists_every_entry_with_its_evaluation(registry: Registry
     other, tiny = lines[2], lines[3]
     assert other.startswith("| other | 3 | awq | - | - | - | 0.0 |")
     assert tiny == "| tiny | 1 | awq | w4-g128 | 12.346 | 0.900 | 2.5 | 2024-01-01T00:00:00 |"
+
+
+def _publish_next_in_process(root: str, ready, go, out) -> None:
+    """A separate process publishing the same model: waits at the barrier, then publishes."""
+    registry = Registry(root)
+    with registry.staging("tiny") as staged:
+        (staged / "config.json").write_bytes(FILES["config.json"])
+        ready.wait()
+        go.wait()
+        manifest = Manifest(name="tiny", version="-", source_model="org/tiny")
+        out.put(registry.publish_next(staged, manifest, "w4").name)
+
+
+def test_concurrent_publishes_of_one_model_both_succeed_with_different_versions(
+    registry: Registry,
+) -> None:
+    ctx = multiprocessing.get_context("fork")
+    ready, go, out = ctx.Barrier(3), ctx.Barrier(3), ctx.Queue()
+    procs = [
+        ctx.Process(target=_publish_next_in_process, args=(str(registry.root), ready, go, out))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    ready.wait()  # both have staged their files
+    go.wait()  # and publish at the same moment
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    versions = sorted(out.get(timeout=5) for _ in procs)
+    assert versions == ["w4-1", "w4-2"]
+    assert sorted(registry.versions("tiny")) == versions
+    for v in versions:
+        registry.verify("tiny", v)
+    assert _staging_contents(registry) == []
+
+
+def test_version_numbers_stay_monotonic_after_a_version_is_deleted(registry: Registry) -> None:
+    def publish_next() -> str:
+        with registry.staging("tiny") as staged:
+            (staged / "config.json").write_bytes(FILES["config.json"])
+            manifest = Manifest(name="tiny", version="-", source_model="org/tiny")
+            return registry.publish_next(staged, manifest, "w4").name
+
+    assert [publish_next(), publish_next()] == ["w4-1", "w4-2"]
+    shutil.rmtree(registry.path("tiny", "w4-2"))
+    assert publish_next() == "w4-3"
+    shutil.rmtree(registry.path("tiny", "w4-3"))
+    shutil.rmtree(registry.path("tiny", "w4-1"))
+    assert publish_next() == "w4-4"
+    assert registry.versions("tiny") == ["w4-4"]
+
+
+def test_publish_onto_an_existing_version_is_refused_even_when_allocated(
+    registry: Registry,
+) -> None:
+    _publish(registry, version="w4-1")
+    assert registry.allocate_version("tiny", "w4") == "w4-2"
+    with pytest.raises(RegistryError, match="tiny:w4-1 is already published"):
+        _publish(registry, version="w4-1")
+
+
+def test_a_killed_jobs_staging_is_swept_by_the_next_run(registry: Registry) -> None:
+    code = (
+        "import os, sys\n"
+        "from quantization.registry import Registry\n"
+        "with Registry(sys.argv[1]).staging('tiny') as s:\n"
+        "    (s / 'model.safetensors').write_bytes(b'partial')\n"
+        "    print(s, flush=True)\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(registry.root)], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert killed.returncode == -9
+    left = Path(killed.stdout.strip())
+    assert left.parent == registry.root / STAGING and left.is_dir()
+    old_foreign = registry.root / STAGING / "tiny-otherhost-1-abcd"
+    recent_foreign = registry.root / STAGING / "tiny-otherhost-2-efgh"
+    old_foreign.mkdir()
+    recent_foreign.mkdir()
+    os.utime(old_foreign, (time.time() - 2 * STALE_STAGING_S,) * 2)
+
+    _publish(registry)
+
+    assert not left.exists() and not old_foreign.exists()
+    assert recent_foreign.exists(), "another host's live staging is left alone"
+
+
+def test_publish_records_provenance_fields(registry: Registry) -> None:
+    _publish(registry, source_revision="folder-sha256:abc", project_version="0.1.0+def")
+    manifest = registry.manifest("tiny", "1")
+    assert (manifest.source_revision, manifest.project_version) == (
+        "folder-sha256:abc",
+        "0.1.0+def",
+    )
