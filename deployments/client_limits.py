@@ -1,8 +1,10 @@
 """Limits for clients without an API key: concurrent requests per client, tokens per minute per IP.
 
 Without them one anonymous client can hold every decode slot (16 requests with a large
-max_tokens) for minutes. Keys carry their own caps from the keys file; both limiters take a
-per-call override for that. Like rate_limit.py, each router replica enforces its share locally.
+max_tokens) for minutes. Keys carry their own caps from the keys file: the concurrency limiter
+takes a per-call cap for them, and their token budgets are rate_limit.py's. Like rate_limit.py,
+each router replica enforces its share locally: pass the app's `router_replicas` to
+`from_config`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections import OrderedDict
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.errors import ApiError
 from deployments.rate_limit import Clock, RateDecision, RateLimiter, TokenBucket
@@ -27,7 +29,7 @@ class ClientLimitsConfig(BaseModel):
     max_concurrent_per_client: int = Field(
         default=4,
         ge=1,
-        description="Requests one client may have in flight at once (per router replica share).",
+        description="Requests one client may have in flight at once (split over router replicas).",
     )
     tokens_per_minute_per_ip: int | None = Field(
         default=20_000,
@@ -40,19 +42,9 @@ class ClientLimitsConfig(BaseModel):
         description="Retry-After of a concurrency refusal: when a slot frees is unknown, so a "
         "short fixed hint.",
     )
-    router_replicas: int = Field(default=1, ge=1, description="Replicas sharing the limits.")
     max_tracked_clients: int = Field(
         default=10_000, ge=1, description="Token buckets kept; least recently used evicted."
     )
-
-    @model_validator(mode="after")
-    def _every_replica_gets_a_share(self) -> Self:
-        tpm = self.tokens_per_minute_per_ip
-        if tpm is not None and tpm < self.router_replicas:
-            raise ValueError(
-                f"tokens_per_minute_per_ip={tpm} is below router_replicas={self.router_replicas}"
-            )
-        return self
 
 
 class ConcurrencyLimitError(ApiError):
@@ -109,8 +101,11 @@ class ConcurrencyLimiter:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: ClientLimitsConfig) -> ConcurrencyLimiter:
-        share = math.ceil(config.max_concurrent_per_client / config.router_replicas)
+    def from_config(
+        cls, config: ClientLimitsConfig, router_replicas: int = 1
+    ) -> ConcurrencyLimiter:
+        """This router replica's share of the cap (rounded up: never below 1)."""
+        share = math.ceil(config.max_concurrent_per_client / router_replicas)
         return cls(share, config.concurrency_retry_after_s)
 
     def __len__(self) -> int:
@@ -153,6 +148,11 @@ class TokenBudget:
         max_tracked: int = 10_000,
         clock: Clock = time.monotonic,
     ) -> None:
+        if tokens_per_minute < router_replicas:
+            raise ValueError(
+                f"tokens_per_minute={tokens_per_minute} is below router_replicas="
+                f"{router_replicas}: each replica's share would be under 1 token per minute"
+            )
         self.tokens_per_minute = tokens_per_minute
         self.router_replicas = router_replicas
         self.max_tracked = max_tracked
@@ -162,16 +162,13 @@ class TokenBudget:
 
     @classmethod
     def from_config(
-        cls, config: ClientLimitsConfig, clock: Clock = time.monotonic
+        cls, config: ClientLimitsConfig, router_replicas: int = 1, clock: Clock = time.monotonic
     ) -> TokenBudget | None:
         """The budget the config asks for, or None when it sets no token cap."""
         if config.tokens_per_minute_per_ip is None:
             return None
         return cls(
-            config.tokens_per_minute_per_ip,
-            config.router_replicas,
-            config.max_tracked_clients,
-            clock,
+            config.tokens_per_minute_per_ip, router_replicas, config.max_tracked_clients, clock
         )
 
     def __len__(self) -> int:

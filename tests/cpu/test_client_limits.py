@@ -112,8 +112,8 @@ def test_concurrent_tasks_never_exceed_the_cap() -> None:
 
 
 def test_concurrency_cap_is_shared_over_router_replicas_rounding_up() -> None:
-    config = ClientLimitsConfig(max_concurrent_per_client=5, router_replicas=2)
-    assert ConcurrencyLimiter.from_config(config).max_per_client == 3
+    config = ClientLimitsConfig(max_concurrent_per_client=5)
+    assert ConcurrencyLimiter.from_config(config, router_replicas=2).max_per_client == 3
 
 
 def test_limiter_refuses_a_cap_below_one() -> None:
@@ -197,11 +197,16 @@ def test_settling_an_evicted_ip_is_harmless(clock) -> None:
 
 
 def test_token_budget_is_shared_over_router_replicas(clock) -> None:
-    config = ClientLimitsConfig(tokens_per_minute_per_ip=1200, router_replicas=2)
-    budget = TokenBudget.from_config(config, clock)
+    config = ClientLimitsConfig(tokens_per_minute_per_ip=1200)
+    budget = TokenBudget.from_config(config, router_replicas=2, clock=clock)
     assert budget is not None
     assert budget.reserve("a", 600).allowed
     assert not budget.reserve("a", 1).allowed
+
+
+def test_a_budget_below_one_token_per_replica_is_refused() -> None:
+    with pytest.raises(ValueError, match="below router_replicas=2"):
+        TokenBudget.from_config(ClientLimitsConfig(tokens_per_minute_per_ip=1), router_replicas=2)
 
 
 def test_no_token_cap_in_config_gives_no_budget() -> None:
@@ -213,7 +218,6 @@ def test_no_token_cap_in_config_gives_no_budget() -> None:
     [
         {"max_concurrent_per_client": 0},
         {"tokens_per_minute_per_ip": 0},
-        {"tokens_per_minute_per_ip": 1, "router_replicas": 2},
         {"concurrency_retry_after_s": 0},
         {"unknown_field": 1},
     ],
