@@ -36,14 +36,14 @@ class ClientLimitsConfig(BaseModel):
         gt=0,
         description="Prompt + completion tokens per minute for one anonymous IP; None = no cap.",
     )
+    max_tracked_clients: int = Field(
+        default=10_000, ge=1, description="Token buckets kept; least recently used evicted."
+    )
     concurrency_retry_after_s: float = Field(
         default=1.0,
         gt=0,
         description="Retry-After of a concurrency refusal: when a slot frees is unknown, so a "
         "short fixed hint.",
-    )
-    max_tracked_clients: int = Field(
-        default=10_000, ge=1, description="Token buckets kept; least recently used evicted."
     )
 
 
