@@ -22,29 +22,19 @@ from deployments.rate_limit import Clock, RateDecision, RateLimiter, TokenBucket
 
 
 class ClientLimitsConfig(BaseModel):
-    """Caps for anonymous clients (keys get theirs from the keys file)."""
+    """Caps for anonymous clients (keys get theirs from the keys file).
+
+    Per client: `max_concurrent_per_client` requests in flight. Per IP: prompt + completion
+    `tokens_per_minute_per_ip`. Both are split over the router replicas.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    max_concurrent_per_client: int = Field(
-        default=4,
-        ge=1,
-        description="Requests one client may have in flight at once (split over router replicas).",
-    )
-    tokens_per_minute_per_ip: int | None = Field(
-        default=20_000,
-        gt=0,
-        description="Prompt + completion tokens per minute for one anonymous IP; None = no cap.",
-    )
-    max_tracked_clients: int = Field(
-        default=10_000, ge=1, description="Token buckets kept; least recently used evicted."
-    )
-    concurrency_retry_after_s: float = Field(
-        default=1.0,
-        gt=0,
-        description="Retry-After of a concurrency refusal: when a slot frees is unknown, so a "
-        "short fixed hint.",
-    )
+    # Retry-After of a concurrency refusal is a fixed hint: when a slot frees is unknown.
+    max_concurrent_per_client: int = Field(4, ge=1, description="Requests in flight at once.")
+    tokens_per_minute_per_ip: int | None = Field(20_000, gt=0, description="None = no cap.")
+    max_tracked_clients: int = Field(10_000, ge=1, description="Token buckets kept (LRU).")
+    concurrency_retry_after_s: float = Field(1.0, gt=0, description="Retry-After hint.")
 
 
 class ConcurrencyLimitError(ApiError):
