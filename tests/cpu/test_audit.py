@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from deployments.audit import AuditConfig, AuditLog, AuditRecord
+from deployments.audit import MAX_FIELD_CHARS, AuditConfig, AuditLog, AuditRecord, cap_text
 
 SECRET = "sk-awq-do-not-log-me"
 PROMPT = "my medical history is private"
@@ -122,3 +122,63 @@ def test_concurrent_writes_give_whole_lines(audit):
 def test_audit_config_rejects_settings_that_would_never_rotate(bad):
     with pytest.raises(ValidationError):
         AuditConfig(**bad)
+
+
+def test_audit_file_is_created_owner_only(audit):
+    log = audit()
+    log.write(record())
+    assert log.config.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_existing_world_readable_audit_file_is_tightened(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"earlier": "line"}\n')
+    path.chmod(0o644)
+    log = AuditLog(AuditConfig(path=path))
+    try:
+        log.write(record())
+    finally:
+        log.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(read_lines(path)) == 2  # appended, not truncated
+
+
+def test_rotated_audit_files_stay_owner_only(audit):
+    log = audit(max_bytes=600, backup_count=2)
+    for i in range(30):
+        log.write(record(request_id=f"req-{i}"))
+    path = log.config.path
+    for f in (path, path.with_name("audit.jsonl.1"), path.with_name("audit.jsonl.2")):
+        assert f.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("field", ["request_id", "client_ip", "model", "variant", "endpoint"])
+def test_client_supplied_strings_are_capped_with_a_marker(audit, field):
+    log = audit()
+    log.write(record(**{field: "x" * 100_000}))
+    (line,) = read_lines(log.config.path)
+    assert line[field] == "x" * MAX_FIELD_CHARS + "...[truncated 99744 chars]"
+    assert len(log.config.path.read_text()) < 2000
+
+
+def test_logged_prompts_are_capped_at_max_text_chars(audit):
+    log = audit(log_prompts=True, max_text_chars=10)
+    log.write(record(prompt="p" * 50, completion="c" * 5))
+    (line,) = read_lines(log.config.path)
+    assert line["prompt"] == "p" * 10 + "...[truncated 40 chars]"
+    assert line["completion"] == "c" * 5
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_lone_surrogates_are_written_escaped_not_raised(audit, log_prompts):
+    # json.loads('"\\ud800"') gives a str that UTF-8 cannot encode; the line must still write.
+    log = audit(log_prompts=log_prompts)
+    log.write(record(model="gpt\ud800", prompt="hi \udfff there"))
+    (line,) = read_lines(log.config.path)
+    assert line["model"] == "gpt\\ud800"
+    if log_prompts:
+        assert line["prompt"] == "hi \\udfff there"
+
+
+def test_cap_text_leaves_short_text_alone():
+    assert cap_text("Paris ✓", 256) == "Paris ✓"

@@ -1,0 +1,61 @@
+"""Schema fuzzing (Schemathesis) of the real app's inference paths: no generated request gets a 5xx.
+
+Fixed seed and a bounded number of examples so CI is repeatable and short; `python -m
+benchmarks.fuzz` is the long run. The document is the app's own `/openapi.json`, adjusted as
+benchmarks/fuzz.py describes (bodies filled in where undocumented, `model` and lengths bounded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.fuzz import DEFAULT_SEED, INFERENCE, fuzz_operation, load_schema, operations
+from tests.serving import serve_app
+
+EXAMPLES_PER_OPERATION = 30
+
+
+@pytest.fixture(scope="module")
+def app(registry_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    with serve_app(registry_root, audit_path=audit) as url:
+        yield url, {op.path: op for op in operations(load_schema(url))}
+
+
+@pytest.mark.parametrize("path", list(INFERENCE))
+def test_generated_requests_never_get_a_server_error(app, path: str) -> None:
+    url, ops = app
+    failures = fuzz_operation(ops[path], url, EXAMPLES_PER_OPERATION, DEFAULT_SEED)
+    report = "\n".join(f"{f.outcome}\n  body: {f.body[:300]}" for f in failures)
+    assert not failures, f"{len(failures)} of {EXAMPLES_PER_OPERATION} got a 5xx:\n{report}"
+
+
+def test_fuzz_document_fills_bodies_and_bounds_model_and_lengths() -> None:
+    from benchmarks.fuzz import inference_document
+
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": "t", "version": "1"},
+        "paths": {p: {"post": {"responses": {"200": {"description": "ok"}}}} for p in INFERENCE}
+        | {"/health": {"get": {"responses": {"200": {"description": "ok"}}}}},
+    }
+    out = inference_document(doc, ["m1"], max_tokens_cap=8)
+    assert set(out["paths"]) == set(INFERENCE)
+    schemas = out["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]
+    assert chat["properties"]["model"] == {"enum": ["m1"]}
+    assert chat["properties"]["max_tokens"]["maximum"] == 8
+    assert "max_tokens" in chat["required"]
+    assert "max_new_tokens" in schemas["GenerateRequest"]["required"]
+    assert "requestBody" not in doc["paths"]["/generate"]["post"], "input left unchanged"
+
+
+def test_fuzz_document_keeps_a_body_the_app_documents() -> None:
+    from benchmarks.fuzz import inference_document
+
+    body = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    doc = {"paths": {p: {"post": {"requestBody": body}} for p in INFERENCE}}
+    out = inference_document(doc, ["m1"], max_tokens_cap=None)
+    assert all(out["paths"][p]["post"]["requestBody"] == body for p in INFERENCE)
