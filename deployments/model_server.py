@@ -117,6 +117,7 @@ class ModelServer:
             yield admitted
             return
         yield Accepted(self.variant)
+        log.debug("admitted", extra={"request_id": request.trace_id or request.request_id})
         finished = False
         try:
             async for event in admitted:

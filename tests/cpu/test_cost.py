@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from awq_serve_cli.main import main
 from deployments.cost import (
     CostConfig,
     Throughput,
@@ -17,7 +18,6 @@ from deployments.cost import (
     load_prices,
     throughput_from_benchmark,
 )
-from quantization.cli import main
 
 SEED_PRICES = {"RTX 4090": 0.50, "A6000": 0.79, "A100": 2.00}
 

@@ -21,12 +21,12 @@ import httpx
 import openai
 import pytest
 
+from awq_serve_cli import main as cli
 from deployments.admission import estimate_prompt_tokens
 from deployments.app import deployment_name
 from deployments.auth import create_key
 from deployments.router import VARIANT_HEADER
 from deployments.traffic import TrafficSplit, choose_variant
-from quantization import cli
 from tests.serving import APP, CHAT, REPO, serve_app
 
 AWQ, FP16, ALIAS = "smollm2-awq", "smollm2-fp16", "chat"

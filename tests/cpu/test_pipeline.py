@@ -21,9 +21,10 @@ import ray
 import torch
 import yaml
 
+from awq_serve_cli import main as cli
 from deployments.model_source import ModelUnavailable, resolve_model_dir
 from deployments.served_check import EngineServedCheck
-from quantization import cli, steps
+from quantization import steps
 from quantization.gate import gate
 from quantization.pipeline import JobResult, JobSpec, ServedCheckPolicy, run_jobs
 from quantization.recipes import CalibrationSpec, EvaluationSpec, GateSpec, QuantRecipe

@@ -12,7 +12,7 @@ import ray
 import yaml
 
 import cluster.resources as resources
-from quantization import cli
+from awq_serve_cli import main as cli
 from quantization.pipeline import _resources
 
 

@@ -434,7 +434,7 @@ def test_quantization_job_with_gpus_1_brings_a_gpu_pod_and_publishes(
     env = {**os.environ, "RAY_ADDRESS": cluster.gcs_address, "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": str(REPO)}  # fmt: skip
     command = [
-        sys.executable, "-m", "quantization.cli", "--registry", str(registry), "quantize",
+        sys.executable, "-m", "awq_serve_cli", "--registry", str(registry), "quantize",
         str(tiny_llama_dir), "--gpus", "1", "--recipe", str(recipe_file), "--name", "tiny",
     ]  # fmt: skip
     log = cluster.tmp / "quantize.log"

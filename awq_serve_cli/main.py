@@ -75,7 +75,11 @@ def _run(
     try:
         with _ray_session():
             results = run_jobs(
-                specs, registry, publish=publish, gpus=gpus, cpus=cpus,
+                specs,
+                registry,
+                publish=publish,
+                gpus=gpus,
+                cpus=cpus,
                 served=_served_check_policy(),
             )
     except KeyboardInterrupt:

@@ -1,0 +1,5 @@
+import sys
+
+from awq_serve_cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""The architecture as tests: which package may import which, and what stays torch-free."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# The engine side: pure model code and the types it speaks, no serving framework.
+ENGINE_MODULES = [
+    "engine",
+    "model_runner",
+    "sampling",
+    "text_stream",
+    "fused_projections",
+    "prefix_cache",
+    "hardware",
+    "prompts",
+    "protocol",
+    "errors",
+    "engine_interface",
+]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_quantization_never_imports_deployments() -> None:
+    for path in (REPO / "quantization").glob("*.py"):
+        bad = {m for m in imported_modules(path) if m.split(".")[0] == "deployments"}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", ENGINE_MODULES)
+def test_engine_side_imports_no_ray_router_or_model_server(module: str) -> None:
+    forbidden = {
+        "ray",
+        "deployments.router",
+        "deployments.model_server",
+        "deployments.relay",
+        "deployments.admission",
+        "fastapi",
+    }
+    names = imported_modules(REPO / "deployments" / f"{module}.py")
+    bad = {m for m in names if m in forbidden or m.split(".")[0] in forbidden}
+    assert not bad, f"deployments/{module}.py imports {sorted(bad)}"
+
+
+def loads_torch(code: str) -> bool:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print('torch' in sys.modules)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_router_and_protocol_load_no_torch_in_a_fresh_interpreter() -> None:
+    assert not loads_torch("import deployments.router, deployments.protocol")
+
+
+def test_admin_commands_load_no_torch() -> None:
+    assert not loads_torch(
+        "from awq_serve_cli.main import main\n"
+        "try:\n    main(['rollback', '--help'])\nexcept SystemExit:\n    pass"
+    )
