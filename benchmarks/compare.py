@@ -226,6 +226,7 @@ def awq_serve_config(
     # The per-IP limit (100/min) would throttle the load generator, all of it on one IP.
     app["args"]["rate_limit"] = {"requests_per_minute_per_ip": 1_000_000}
     app["args"]["audit"] = {"enabled": True, "path": str(audit)}
+    app["args"]["allow_ignore_eos"] = True  # the load decodes to max_tokens on every system
     return config
 
 

@@ -104,6 +104,18 @@ class Admission:
         key_rpm = call.record.requests_per_minute if call.record else None
         self._charge(call, self.limiter.check_request(call.client_ip, call.key_id, key_rpm))
         req = parse_body(await self._body(request), schema)
+        if (
+            getattr(req, "ignore_eos", False)
+            and call.record is None
+            and not self.args.allow_ignore_eos
+        ):
+            raise ApiError(
+                400,
+                "'ignore_eos' is a benchmark switch this server does not accept "
+                "from clients without an API key.",
+                param="ignore_eos",
+                code="unsupported_parameter",
+            )
         call.model = getattr(req, "model", None) or self.args.default_model
         if call.record is not None:
             self.keys.authorize(call.record, call.model)

@@ -162,6 +162,11 @@ class AppArgs(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     request_timeout_s: float = Field(300, gt=0, description="Whole-request deadline; then 504.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
+    allow_ignore_eos: bool = Field(
+        False,
+        description="Accept `ignore_eos` (decode to max_tokens past the end of the answer) from "
+        "clients without an API key. A benchmark switch: it lets one client hold decode slots.",
+    )
     router_replicas: int = Field(1, ge=1)
     log_level: str = Field("INFO")
 

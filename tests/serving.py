@@ -30,6 +30,7 @@ def app_args(
     args["models"][0]["registry"] = str(registry_root)
     args["models"][0].update(model_overrides or {})
     args["rate_limit"] = {"requests_per_minute_per_ip": 100_000}
+    args["allow_ignore_eos"] = True  # the tests' load decodes to max_tokens, as benchmarks do
     args.update(overrides)
     return args
 

@@ -59,9 +59,8 @@ def replica_identity(url: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(registry_root: Path, tmp_path_factory: pytest.TempPathFactory):
     audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    # Default config: anonymous clients, allow_ignore_eos off (the suite expects ignore_eos
-    # refused). If serve_config.yaml ever turns it on, pass allow_ignore_eos=False here.
-    with serve_app(registry_root, audit_path=audit) as url:
+    # The shipped config: anonymous clients, ignore_eos refused.
+    with serve_app(registry_root, audit_path=audit, allow_ignore_eos=False) as url:
         yield Server(url, replica_identity(url))
 
 
