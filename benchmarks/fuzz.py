@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from benchmarks.load import ensure_loopback
-from deployments.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from deployments.schemas import ChatCompletionRequest, CompletionRequest, SeedGenerateRequest
 
 INFERENCE: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
-    "/generate": GenerateRequest,
+    "/generate": SeedGenerateRequest,
 }
 # The first of these a body schema has becomes required, so no case falls back to the default
 # length (hundreds of tokens on a CPU); all of them are capped.

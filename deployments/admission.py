@@ -81,7 +81,9 @@ class Admission:
         call = Call(
             request_id=request.state.request_id,
             started=time.perf_counter(),
-            client_ip=request.client.host if request.client else "-",
+            client_ip=self.args.client_identity.client_ip(
+                request.client.host if request.client else None, request.headers
+            ),
             endpoint=endpoint,
         )
         try:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.audit import AuditConfig
 from deployments.auth import AuthConfig
+from deployments.client_identity import ClientIdentityConfig
 from deployments.rate_limit import RateLimitConfig
 from deployments.traffic import TrafficSplit
 
@@ -162,6 +163,10 @@ class AppArgs(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     request_timeout_s: float = Field(300, gt=0, description="Whole-request deadline; then 504.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
+    client_identity: ClientIdentityConfig = Field(
+        default_factory=ClientIdentityConfig,
+        description="Which proxies' X-Forwarded-For to believe for the client's IP.",
+    )
     allow_ignore_eos: bool = Field(
         False,
         description="Accept `ignore_eos` (decode to max_tokens past the end of the answer) from "

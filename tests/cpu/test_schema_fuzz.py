@@ -48,7 +48,7 @@ def test_fuzz_document_fills_bodies_and_bounds_model_and_lengths() -> None:
     assert chat["properties"]["model"] == {"enum": ["m1"]}
     assert chat["properties"]["max_tokens"]["maximum"] == 8
     assert "max_tokens" in chat["required"]
-    assert "max_new_tokens" in schemas["GenerateRequest"]["required"]
+    assert "max_new_tokens" in schemas["SeedGenerateRequest"]["required"]
     assert "requestBody" not in doc["paths"]["/generate"]["post"], "input left unchanged"
 
 
