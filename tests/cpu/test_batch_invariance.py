@@ -9,18 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.batch_invariance import QUESTIONS
 from deployments.fused_projections import tiled
 from deployments.model_runner import KEY_BUCKET, ModelRunner, load_model, plan_attention
 from deployments.prompts import chat_prompt_ids
 
-QUESTIONS = [
-    "What is the capital of France?", "Name a fruit.", "Say hello in French.",
-    "What color is grass?", "Write a haiku about the sea.", "What is 3 times 3?",
-    "Explain gravity to a child in one sentence.", "List three prime numbers.",
-    "Who wrote Hamlet?", "Translate 'cat' to Spanish.", "Describe a sunset in five words.",
-    "What is Python?", "Give me a synonym for happy.", "How many legs has a spider?",
-    "What is the boiling point of water?", "Suggest a name for a dog.",
-]  # fmt: skip
 STEPS = 6
 
 
