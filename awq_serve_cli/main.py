@@ -57,7 +57,7 @@ def _ray_session() -> Iterator[None]:
 def _served_check_policy():
     """The serving engine's own check, imported here only: `quantization` never imports the
     server; the CLI wires the two together."""
-    from deployments.served_check import EngineServedCheck
+    from deployments.engine.served_check import EngineServedCheck
     from quantization.pipeline import ServedCheckPolicy
 
     return ServedCheckPolicy(EngineServedCheck())
@@ -144,7 +144,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from deployments.auth import create_key, list_keys, revoke_key
+    from deployments.gateway.auth import create_key, list_keys, revoke_key
 
     path = Path(args.keys_file)
     if args.keys_cmd == "create":
@@ -160,13 +160,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from deployments.rollout import cli_rollout
+    from deployments.ops.rollout import cli_rollout
 
     return cli_rollout(args.app, args.alias, args.variant, args.steps, args.interval, args.url)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from deployments.rollout import cli_rollback
+    from deployments.ops.rollout import cli_rollback
 
     return cli_rollback(args.app, args.alias, args.to)
 
@@ -174,7 +174,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from deployments.cost import (
+    from deployments.ops.cost import (
         Throughput,
         cost_rows,
         cost_table,

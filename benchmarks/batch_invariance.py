@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from deployments.hardware import cpu_features
-from deployments.model_runner import ModelRunner, load_model, plan_attention, rms_norm
+from deployments.engine.hardware import cpu_features
+from deployments.engine.model_runner import ModelRunner, load_model, plan_attention, rms_norm
+from deployments.engine.prompts import chat_prompt_ids
 from deployments.model_source import resolve_model_dir
-from deployments.prompts import chat_prompt_ids
 
 QUESTIONS = [
     "What is the capital of France?",

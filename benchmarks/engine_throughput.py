@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from benchmarks.prompts import pick_prompts
 from benchmarks.stats import percentile
-from deployments.engine import Engine, EngineConfig, RequestStream
+from deployments.engine.prompts import chat_prompt_ids
+from deployments.engine.scheduler import Engine, EngineConfig, RequestStream
 from deployments.model_source import resolve_model_dir
-from deployments.prompts import chat_prompt_ids
 from deployments.protocol import SamplingParams
 
 

@@ -1,7 +1,7 @@
 """Schema fuzzing of the inference paths with Schemathesis: no generated request may get a 5xx.
 
 The app's own `/openapi.json` is the source. Two adjustments keep the fuzzing on the engine:
-operations without a documented request body get the body model from deployments/schemas.py
+operations without a documented request body get the body model from deployments/gateway/schemas.py
 (the router reads raw bodies, so FastAPI cannot document them itself), and `model` is limited to
 the served names (a random name is a 404 that never reaches a replica). Generation lengths are
 capped (`--max-tokens-cap`) so thousands of cases finish on a CPU.
@@ -27,7 +27,11 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from benchmarks.load import ensure_loopback
-from deployments.schemas import ChatCompletionRequest, CompletionRequest, SeedGenerateRequest
+from deployments.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SeedGenerateRequest,
+)
 
 INFERENCE: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,

@@ -3,8 +3,8 @@
 `model.generate` runs in a thread with a `TextIteratorStreamer`; an asyncio.Lock lets exactly
 one request decode while the others wait in line. No batching, so concurrent clients queue up:
 this is what `benchmarks.compare` measures awq-serve's continuous batching against. The
-OpenAI request/response shapes are awq-serve's own (deployments.schemas, openai_format), so the
-comparison measures the serving design, not the JSON.
+OpenAI request/response shapes are awq-serve's own (deployments.gateway.schemas and
+openai_format), so the comparison measures the serving design, not the JSON.
 
     python -m benchmarks.naive_server --model-dir models/smollm2-135m-instruct/w4-g64-1 --port 8001
 """
@@ -27,10 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from deployments import openai_format as fmt
+from deployments.engine.prompts import chat_prompt_ids
 from deployments.errors import ApiError
-from deployments.prompts import chat_prompt_ids
-from deployments.schemas import ChatCompletionRequest
+from deployments.gateway import openai_format as fmt
+from deployments.gateway.schemas import ChatCompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
 

@@ -108,7 +108,7 @@ def run(
     """Run every recipe on `source` as parallel branches; returns the JSON payload."""
     import ray
 
-    from deployments.served_check import EngineServedCheck
+    from deployments.engine.served_check import EngineServedCheck
     from quantization.pipeline import JobSpec, ServedCheckPolicy, run_jobs
 
     specs = [JobSpec(source, f"quality-{r.name}", r) for r in recipes]

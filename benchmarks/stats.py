@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from deployments.cost import cost_per_million_tokens
+from deployments.ops.cost import cost_per_million_tokens
 
 QUANTILES: tuple[float, ...] = (50.0, 95.0, 99.0)
 

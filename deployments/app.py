@@ -8,9 +8,9 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import AppArgs, ModelConfig, RouterUserConfig, apply_env_overrides
+from deployments.gateway.router import Router
 from deployments.model_server import ModelServer
 from deployments.model_source import resolve_model_dir
-from deployments.router import Router
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 ROUTER_DEPLOYMENT = "Router"

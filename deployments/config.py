@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.audit import AuditConfig
-from deployments.auth import AuthConfig
-from deployments.client_identity import ClientIdentityConfig
-from deployments.rate_limit import RateLimitConfig
-from deployments.traffic import TrafficSplit
+from deployments.gateway.audit import AuditConfig
+from deployments.gateway.auth import AuthConfig
+from deployments.gateway.client_identity import ClientIdentityConfig
+from deployments.gateway.rate_limit import RateLimitConfig
+from deployments.gateway.traffic import TrafficSplit
 
 
 class _Strict(BaseModel):

@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from deployments.cost import ThroughputWindow, cost_per_million_tokens, cost_per_request
+from deployments.ops.cost import ThroughputWindow, cost_per_million_tokens, cost_per_request
 from deployments.protocol import Finished
 
 log = logging.getLogger("awq_serve.metrics")

@@ -20,7 +20,7 @@ import ray
 from ray import serve
 
 from deployments.config import ModelConfig
-from deployments.engine_interface import EventStream, InferenceEngine
+from deployments.engine.interface import EventStream, InferenceEngine
 from deployments.errors import EngineError, error_info
 from deployments.logging_setup import configure_logging
 from deployments.metrics import ReplicaMetrics
@@ -36,7 +36,7 @@ def build_engine(
     config: ModelConfig, model_dir: Any, on_step: Callable[[int, float], None]
 ) -> InferenceEngine:
     """The real engine on the model folder (imported here: it loads torch)."""
-    from deployments.engine import Engine, EngineConfig
+    from deployments.engine.scheduler import Engine, EngineConfig
 
     return Engine(
         EngineConfig(
@@ -145,7 +145,7 @@ class ModelServer:
             "pid": os.getpid(),
             "hardware": self.engine.hardware,
             # Which Ray node holds this replica: shows spread placement and what a node loss takes.
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         }
 
     def __del__(self) -> None:

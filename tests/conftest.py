@@ -61,3 +61,17 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, demo_fp16_dir: Path
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# A test is in the slow tier when it needs the demo model, a tiny model to quantize or a Ray
+# cluster (these fixtures, directly or through others), or when its module says so (the ones that
+# start Ray Serve). `pytest -m "not slow"` is the fast tier.
+SLOW_FIXTURES = frozenset(
+    {"registry_root", "tiny_llama_dir", "ray_local", "ray_two_cpus", "ray_driver", "cluster"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from deployments.audit import MAX_FIELD_CHARS, AuditConfig, AuditLog, AuditRecord, cap_text
+from deployments.gateway.audit import MAX_FIELD_CHARS, AuditConfig, AuditLog, AuditRecord, cap_text
 
 SECRET = "sk-awq-do-not-log-me"
 PROMPT = "my medical history is private"

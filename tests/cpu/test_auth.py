@@ -6,7 +6,8 @@ import stat
 import pytest
 from pydantic import ValidationError
 
-from deployments.auth import (
+from deployments.errors import ApiError
+from deployments.gateway.auth import (
     ApiKeyRecord,
     AuthConfig,
     AuthError,
@@ -17,7 +18,6 @@ from deployments.auth import (
     list_keys,
     revoke_key,
 )
-from deployments.errors import ApiError
 
 
 @pytest.fixture

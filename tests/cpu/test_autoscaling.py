@@ -20,6 +20,8 @@ from deployments.app import deployment_name
 from deployments.config import AppArgs, AutoscalingConfig, apply_env_overrides
 from tests.serving import CHAT, REPO, app_args, serve_app
 
+pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
+
 APP = "awq-serve"
 AUTOSCALING = {
     "min_replicas": 1,

@@ -11,6 +11,8 @@ import pytest
 
 from tests.serving import CHAT, serve_app
 
+pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
+
 LONG = {
     "model": CHAT,
     "messages": [{"role": "user", "content": "Tell me a long story."}],

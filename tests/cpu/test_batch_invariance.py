@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from benchmarks.batch_invariance import QUESTIONS
-from deployments.fused_projections import tiled
-from deployments.model_runner import KEY_BUCKET, ModelRunner, load_model, plan_attention
-from deployments.prompts import chat_prompt_ids
+from deployments.engine.fused_projections import tiled
+from deployments.engine.model_runner import KEY_BUCKET, ModelRunner, load_model, plan_attention
+from deployments.engine.prompts import chat_prompt_ids
 
 STEPS = 6
 

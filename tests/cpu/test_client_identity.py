@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 
-from deployments.client_identity import ClientIdentityConfig, client_ip, parse_address
+from deployments.gateway.client_identity import ClientIdentityConfig, client_ip, parse_address
 
 PROXY = "10.0.0.5"  # a trusted proxy (inside 10.0.0.0/8)
 INNER_PROXY = "10.1.2.3"  # another trusted hop

@@ -5,14 +5,14 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from deployments.client_limits import (
+from deployments.errors import ApiError
+from deployments.gateway.client_limits import (
     ClientLimitsConfig,
     ConcurrencyLimiter,
     ConcurrencyLimitError,
     TokenBudget,
 )
-from deployments.errors import ApiError
-from deployments.rate_limit import RateLimitError
+from deployments.gateway.rate_limit import RateLimitError
 from tests.cpu.test_rate_limit import FakeClock
 
 

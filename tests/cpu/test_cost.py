@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from awq_serve_cli.main import main
-from deployments.cost import (
+from deployments.ops.cost import (
     CostConfig,
     Throughput,
     ThroughputWindow,

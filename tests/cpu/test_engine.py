@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deployments.engine import Engine, EngineConfig, RequestStream
+from deployments.engine.prompts import chat_prompt_ids
+from deployments.engine.scheduler import Engine, EngineConfig, RequestStream
 from deployments.errors import ContextLengthExceeded
-from deployments.prompts import chat_prompt_ids
 from deployments.protocol import Delta, SamplingParams
 
 QUESTIONS = [

@@ -22,12 +22,14 @@ import openai
 import pytest
 
 from awq_serve_cli import main as cli
-from deployments.admission import estimate_prompt_tokens
 from deployments.app import deployment_name
-from deployments.auth import create_key
-from deployments.router import VARIANT_HEADER
-from deployments.traffic import TrafficSplit, choose_variant
+from deployments.gateway.admission import estimate_prompt_tokens
+from deployments.gateway.auth import create_key
+from deployments.gateway.router import VARIANT_HEADER
+from deployments.gateway.traffic import TrafficSplit, choose_variant
 from tests.serving import APP, CHAT, REPO, serve_app
+
+pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
 AWQ, FP16, ALIAS = "smollm2-awq", "smollm2-fp16", "chat"
 SPLIT = TrafficSplit(variants={AWQ: 90, FP16: 10})

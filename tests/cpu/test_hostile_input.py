@@ -22,6 +22,8 @@ from benchmarks.hostile_cases import CASES, HostileCase
 from deployments.app import deployment_name
 from tests.serving import CHAT, serve_app
 
+pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
+
 PARIS = {"role": "user", "content": "What is the capital of France?"}
 TIMEOUT_S = 60  # per request: a wedged engine fails its case instead of hanging the suite
 

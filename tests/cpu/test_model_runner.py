@@ -9,9 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from deployments.fused_projections import fuse_projections
-from deployments.model_runner import ModelRunner, lm_head_dtype, load_model, output_projection
-from deployments.prefix_cache import PrefixCache
+from deployments.engine.fused_projections import fuse_projections
+from deployments.engine.model_runner import (
+    ModelRunner,
+    lm_head_dtype,
+    load_model,
+    output_projection,
+)
+from deployments.engine.prefix_cache import PrefixCache
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, and then it runs into the forest where",

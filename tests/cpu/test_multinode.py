@@ -28,6 +28,8 @@ import pytest
 from deployments.app import deployment_name
 from tests.serving import CHAT, app_args, free_port
 
+pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
+
 RAY = str(Path(sys.executable).with_name("ray"))
 APP = "awq-serve"
 REPLICA_CLASS = f"ServeReplica:{APP}:{deployment_name(CHAT)}"

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.health import health_report
+from deployments.gateway.health import health_report
 from deployments.logging_setup import LOGGER, configure_logging
 from deployments.metrics import EXPORTED_REPLICA_METRICS, UNKNOWN_MODEL, RouterMetrics
 from deployments.protocol import Finished, Usage

@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from awq_serve_cli import main as cli
+from deployments.engine.served_check import EngineServedCheck
 from deployments.model_source import ModelUnavailable, resolve_model_dir
-from deployments.served_check import EngineServedCheck
 from quantization import steps
 from quantization.gate import gate
 from quantization.pipeline import JobResult, JobSpec, ServedCheckPolicy, run_jobs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deployments.prefix_cache import PrefixCache, block_keys
+from deployments.engine.prefix_cache import PrefixCache, block_keys
 
 LAYERS, KV, HD, SLOTS, MAX_LEN = 2, 1, 4, 3, 64
 

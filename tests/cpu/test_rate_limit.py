@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.errors import ApiError
-from deployments.rate_limit import (
+from deployments.gateway.rate_limit import (
     RateDecision,
     RateLimitConfig,
     RateLimiter,

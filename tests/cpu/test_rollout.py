@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from deployments.config import AppArgs
+from deployments.gateway.traffic import TrafficSplit
 from deployments.metrics import RouterMetrics
-from deployments.protocol import Finished, Usage
-from deployments.rollout import (
+from deployments.ops.rollout import (
     MetricsUnavailable,
     VariantCounts,
     histogram_quantile,
@@ -20,7 +20,7 @@ from deployments.rollout import (
     rollout,
     stable_variant,
 )
-from deployments.traffic import TrafficSplit
+from deployments.protocol import Finished, Usage
 
 STABLE, CANARY, OTHER = "awq", "fp16", "other"
 INF = math.inf

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deployments.engine.sampling import filter_logits, make_generator, sample_next
+from deployments.engine.text_stream import StopChecker
 from deployments.protocol import SamplingParams
-from deployments.sampling import filter_logits, make_generator, sample_next
-from deployments.text_stream import StopChecker
 
 
 def _kept(logits: torch.Tensor) -> set[int]:

@@ -14,6 +14,8 @@ import pytest
 from benchmarks.fuzz import DEFAULT_SEED, INFERENCE, fuzz_operation, load_schema, operations
 from tests.serving import serve_app
 
+pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
+
 EXAMPLES_PER_OPERATION = 30
 
 

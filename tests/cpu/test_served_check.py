@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments.model_runner import ModelRunner, StepLayout
-from deployments.served_check import EngineServedCheck
+from deployments.engine.model_runner import ModelRunner, StepLayout
+from deployments.engine.served_check import EngineServedCheck
 from quantization import steps
 from quantization.gate import gate
 from quantization.recipes import load_recipe

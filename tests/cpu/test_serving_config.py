@@ -11,7 +11,11 @@ import yaml
 from pydantic import ValidationError
 
 from deployments.config import AppArgs, apply_env_overrides
-from deployments.schemas import ChatCompletionRequest, CompletionRequest, SeedGenerateRequest
+from deployments.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SeedGenerateRequest,
+)
 
 SERVE_CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 

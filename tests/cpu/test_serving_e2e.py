@@ -12,6 +12,8 @@ from transformers import AutoTokenizer
 
 from tests.serving import CHAT, serve_app
 
+pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
+
 PARIS = {"role": "user", "content": "What is the capital of France?"}
 
 

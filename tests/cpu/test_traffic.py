@@ -5,7 +5,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from deployments.traffic import (
+from deployments.gateway.traffic import (
     TrafficSplit,
     choose_variant,
     rolled_back,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from deployments.engine import Engine, EngineConfig, RequestStream
-from deployments.prompts import chat_prompt_ids
+from deployments.engine.prompts import chat_prompt_ids
+from deployments.engine.scheduler import Engine, EngineConfig, RequestStream
 from deployments.protocol import SamplingParams
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from deployments.gateway.schemas import now
 from deployments.protocol import Finished, Usage
-from deployments.schemas import now
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 

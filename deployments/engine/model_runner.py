@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deployments.fused_projections import Projection, fuse_projections
-from deployments.prefix_cache import PrefixCache
+from deployments.engine.fused_projections import Projection, fuse_projections
+from deployments.engine.prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.config import AliasConfig, AppArgs, RolloutGuardrails, RouterUserConfig
-from deployments.traffic import TrafficSplit, rolled_back, rollout_steps, should_roll_back
+from deployments.gateway.traffic import TrafficSplit, rolled_back, rollout_steps, should_roll_back
 
 # The router's series (deployments/metrics.py:RouterMetrics), labelled model=<alias>, variant.
 REQUESTS_SAMPLE = "inference_requests_total"  # + status="2xx" / "4xx" / "5xx"

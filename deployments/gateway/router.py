@@ -16,23 +16,23 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import openai_format as fmt
-from deployments.admission import Admission, Call
 from deployments.config import AppArgs, RouterUserConfig
 from deployments.errors import ApiError, ModelNotFoundError
-from deployments.health import health_report, replica_counts, replica_info
-from deployments.logging_setup import configure_logging
-from deployments.metrics import RouterMetrics
-from deployments.protocol import Finished, GenerateRequest, Message, SamplingParams
-from deployments.relay import Relay
-from deployments.schemas import (
+from deployments.gateway import openai_format as fmt
+from deployments.gateway.admission import Admission, Call
+from deployments.gateway.health import health_report, replica_counts, replica_info
+from deployments.gateway.relay import Relay
+from deployments.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateResponse,
     SamplingFields,
     SeedGenerateRequest,
 )
-from deployments.traffic import TrafficSplit, choose_variant
+from deployments.gateway.traffic import TrafficSplit, choose_variant
+from deployments.logging_setup import configure_logging
+from deployments.metrics import RouterMetrics
+from deployments.protocol import Finished, GenerateRequest, Message, SamplingParams
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # Which served model answered: for an alias, the variant its split chose for this client.

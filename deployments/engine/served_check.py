@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deployments import fused_projections, model_runner, prefix_cache, prompts
-from deployments.model_runner import ModelRunner, load_model, pick_device
-from deployments.prompts import chat_prompt_ids
+from deployments.engine import fused_projections, model_runner, prefix_cache, prompts
+from deployments.engine.model_runner import ModelRunner, load_model, pick_device
+from deployments.engine.prompts import chat_prompt_ids
 from quantization.served import ChatAnswer, ChatProbe, ServedCheckResult
 
 log = logging.getLogger("awq_serve.served_check")

@@ -1,16 +1,33 @@
 """What the model server needs from an engine: the contract, without torch.
 
-`deployments.engine.Engine` implements it on a real model; tests use a small fake that keeps the
-same promises (events end with `Finished` or `Failed`, `cancel` ends a stream, domain errors from
-`submit`), so the server logic is tested without loading a model.
+`deployments.engine.scheduler.Engine` implements it on a real model; tests use a small fake that
+keeps the same promises (events end with `Finished` or `Failed`, `cancel` ends a stream, domain
+errors from `submit`), so the server logic is tested without loading a model.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deployments.protocol import Delta, Failed, Finished, GenerateRequest
+
+
+@dataclass
+class EngineStats:
+    """What an engine reports for /health and the replica's gauges."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_bytes: int = 0
+    max_running: int = 0
+    steps: int = 0
+    last_batch_size: int = 0
+    generated_tokens: int = 0
+    oom_events: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # of which reused
 
 
 class EventStream(Protocol):
@@ -52,5 +69,4 @@ class InferenceEngine(Protocol):
     def healthy(self) -> bool: ...
 
     @property
-    def stats(self) -> Any:
-        """running, waiting, kv_cache_bytes, steps, ... (see `EngineStats`)."""
+    def stats(self) -> EngineStats: ...

@@ -18,7 +18,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.errors import ApiError
-from deployments.rate_limit import Clock, RateDecision, RateLimiter, TokenBucket
+from deployments.gateway.rate_limit import Clock, RateDecision, RateLimiter, TokenBucket
 
 
 class ClientLimitsConfig(BaseModel):

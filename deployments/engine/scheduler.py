@@ -19,6 +19,12 @@ from pathlib import Path
 
 import torch
 
+from deployments.engine.hardware import cpu_features, kernel_paths
+from deployments.engine.interface import EngineStats
+from deployments.engine.model_runner import ModelRunner, load_model, pick_device
+from deployments.engine.prompts import chat_prompt_ids, completion_prompt_ids
+from deployments.engine.sampling import make_generator, sample_next
+from deployments.engine.text_stream import TextStream
 from deployments.errors import (
     ContextLengthExceeded,
     EngineOverloaded,
@@ -28,9 +34,6 @@ from deployments.errors import (
     RequestFailed,
     error_info,
 )
-from deployments.hardware import cpu_features, kernel_paths
-from deployments.model_runner import ModelRunner, load_model, pick_device
-from deployments.prompts import chat_prompt_ids, completion_prompt_ids
 from deployments.protocol import (
     Delta,
     Failed,
@@ -40,8 +43,6 @@ from deployments.protocol import (
     Timings,
     Usage,
 )
-from deployments.sampling import make_generator, sample_next
-from deployments.text_stream import TextStream
 
 log = logging.getLogger("awq_serve.engine")
 
@@ -108,20 +109,6 @@ class _Sequence:
     @property
     def generated(self) -> list[int]:
         return self.text.tokens
-
-
-@dataclass
-class EngineStats:
-    running: int = 0
-    waiting: int = 0
-    kv_cache_bytes: int = 0
-    max_running: int = 0
-    steps: int = 0
-    last_batch_size: int = 0
-    generated_tokens: int = 0
-    oom_events: int = 0
-    prefix_cache_queries: int = 0  # prompt tokens looked up
-    prefix_cache_hits: int = 0  # of which reused
 
 
 class Engine:

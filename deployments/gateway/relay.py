@@ -12,9 +12,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments import openai_format as fmt
-from deployments.admission import Call
 from deployments.errors import ApiError, overloaded
+from deployments.gateway import openai_format as fmt
+from deployments.gateway.admission import Call
 from deployments.protocol import Accepted, Delta, Failed, Finished, GenerateRequest
 
 log = logging.getLogger("awq_serve.router")

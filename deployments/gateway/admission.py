@@ -15,14 +15,14 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
-from deployments.audit import AuditLog, AuditRecord
-from deployments.auth import ApiKeyRecord, KeyStore
 from deployments.config import AppArgs
 from deployments.errors import ApiError
+from deployments.gateway.audit import AuditLog, AuditRecord
+from deployments.gateway.auth import ApiKeyRecord, KeyStore
+from deployments.gateway.rate_limit import RateDecision, RateLimiter
+from deployments.gateway.request_parsing import parse_body
 from deployments.metrics import RouterMetrics
 from deployments.protocol import Finished, Usage
-from deployments.rate_limit import RateDecision, RateLimiter
-from deployments.request_parsing import parse_body
 
 log = logging.getLogger("awq_serve.router")
 M = TypeVar("M", bound=BaseModel)

@@ -1,0 +1,1 @@
+"""The inference engine: model runner, scheduler, sampling and the per-request text pipeline."""

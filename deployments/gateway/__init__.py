@@ -1,0 +1,1 @@
+"""The HTTP edge: routes, admission (auth, limits, audit), relay to replicas, API formats."""

@@ -1,0 +1,186 @@
+"""The replica's logic against a fake engine: admission, fault isolation, cancellation, events.
+
+Fast tier: no model, no Ray cluster. The same paths run against the real engine in the
+end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from deployments.config import ModelConfig
+from deployments.model_server import ModelServer
+from deployments.protocol import (
+    Accepted,
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    GenerateRequest,
+    Message,
+    SamplingParams,
+)
+from tests.fakes.fake_engine import CRASH_WORD, FakeEngine
+
+T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def batch_outside_a_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`@serve.batch` works in any event loop; only its start-up warning (batch size vs.
+    max_ongoing_requests) reads the replica context, which a unit test does not have."""
+    from ray.serve import batching
+
+    monkeypatch.setattr(
+        batching._BatchQueue,
+        "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+        lambda self: None,
+    )
+
+
+# One event loop for the module: `@serve.batch` keeps its queue per decorated method (one replica
+# per process in Serve), bound to the loop of its first call.
+LOOP = asyncio.new_event_loop()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return LOOP.run_until_complete(coro)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "fake"}))
+    return tmp_path
+
+
+def make_server(model_dir: Path, engine: FakeEngine | None = None) -> ModelServer:
+    fake = engine or FakeEngine()
+    config = ModelConfig(name="fake", source=str(model_dir), verify=False)
+    return ModelServer(config, engine_factory=lambda cfg, path, on_step: fake)
+
+
+def completion(prompt: str, max_tokens: int = 8, rid: str = "r1", **kw: object) -> GenerateRequest:
+    return GenerateRequest(
+        rid, "completion", SamplingParams(max_tokens=max_tokens, **kw), prompt=prompt
+    )
+
+
+async def events(server: ModelServer, request: GenerateRequest) -> list[Event]:
+    return [e async for e in server.generate(request)]
+
+
+def test_a_request_streams_accepted_deltas_then_one_finished(model_dir: Path) -> None:
+    server = make_server(model_dir)
+    out = run(events(server, completion("one two three")))
+    assert out[0] == Accepted("fake")
+    assert "".join(e.text for e in out if isinstance(e, Delta)) == "three two one"
+    final = out[-1]
+    assert isinstance(final, Finished)
+    assert final.reason == "stop"
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (3, 3)
+    assert final.memory_mb > 0  # the replica fills in its RSS
+
+
+def test_max_tokens_ends_with_length(model_dir: Path) -> None:
+    out = run(events(make_server(model_dir), completion("a b c d e", max_tokens=2)))
+    assert out[-1].reason == "length"  # type: ignore[union-attr]
+    assert out[-1].usage.completion_tokens == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "code"),
+    [
+        (completion(""), 400, "empty_prompt"),
+        (completion("x " * 60, max_tokens=8), 400, "context_length_exceeded"),
+        (completion(f"a {CRASH_WORD}"), 500, None),
+    ],
+    ids=["empty", "too-long", "unexpected-exception"],
+)
+def test_a_request_the_engine_refuses_fails_alone_in_its_batch(
+    model_dir: Path, request_: GenerateRequest, status: int, code: str | None
+) -> None:
+    server = make_server(model_dir)
+
+    async def both() -> tuple[list[Event], list[Event]]:
+        good = GenerateRequest(
+            "good", "chat", SamplingParams(max_tokens=4), messages=(Message("user", "x y"),)
+        )
+        # Sent together, so @serve.batch admits them as one batch.
+        return await asyncio.gather(events(server, request_), events(server, good))
+
+    bad_events, good_events = run(both())
+    assert len(bad_events) == 1 and isinstance(bad_events[0], Failed)
+    assert bad_events[0].error.status == status
+    if code is not None:
+        assert bad_events[0].error.code == code
+    assert isinstance(good_events[0], Accepted)
+    assert isinstance(good_events[-1], Finished)
+    assert server.engine.healthy
+
+
+def test_a_full_engine_queue_is_a_503_with_retry_hint(model_dir: Path) -> None:
+    server = make_server(model_dir, FakeEngine(max_waiting=1, step_s=0.05))
+
+    async def two() -> list[list[Event]]:
+        first = completion("a b c", rid="first")
+        second = completion("d e f", rid="second")
+        return list(await asyncio.gather(events(server, first), events(server, second)))
+
+    outcomes = run(two())
+    failed = [o[0] for o in outcomes if isinstance(o[0], Failed)]
+    assert len(failed) == 1 and failed[0].error.status == 503
+    assert any(isinstance(o[-1], Finished) for o in outcomes)
+
+
+def test_closing_the_stream_early_cancels_the_engine_request(model_dir: Path) -> None:
+    engine = FakeEngine(step_s=0.02)
+    server = make_server(model_dir, engine)
+
+    async def read_two_then_leave() -> None:
+        gen = server.generate(completion("a b c d e f g h", rid="leaver"))
+        assert isinstance(await anext(gen), Accepted)
+        assert isinstance(await anext(gen), Delta)
+        await gen.aclose()  # what Serve does when the HTTP client disconnects
+
+    run(read_two_then_leave())
+    assert engine.cancelled == ["leaver"]
+
+
+def test_a_finished_stream_cancels_nothing(model_dir: Path) -> None:
+    engine = FakeEngine()
+    run(events(make_server(model_dir, engine), completion("a b")))
+    assert engine.cancelled == []
+
+
+def test_stop_string_ends_with_stop(model_dir: Path) -> None:
+    out = run(
+        events(make_server(model_dir), completion("a b STOP c d", stop=("STOP",), max_tokens=8))
+    )
+    assert out[-1].reason == "stop"  # type: ignore[union-attr]
+    assert "STOP" not in "".join(e.text for e in out if isinstance(e, Delta))
+
+
+def test_live_batching_changes_reach_the_engine(model_dir: Path) -> None:
+    engine = FakeEngine()
+    server = make_server(model_dir, engine)
+    server.reconfigure({"batching": {"max_running": 3, "max_batch_size": 2}})
+    assert engine.limits is not None and engine.limits[0] == 3
+
+
+def test_health_check_fails_once_the_engine_dies(model_dir: Path) -> None:
+    engine = FakeEngine()
+    server = make_server(model_dir, engine)
+    server.check_health()
+    info = server.info()
+    assert info["healthy"] is True and info["variant"] == "fake" and info["pid"] > 0
+    engine.kill()
+    with pytest.raises(RuntimeError, match="not healthy"):
+        server.check_health()
+    out = run(events(server, completion("a b")))
+    assert isinstance(out[0], Failed) and out[0].error.status == 503
