@@ -228,7 +228,9 @@ def awq_serve_config(
     config["http_options"] = {**config.get("http_options", {}), "host": HOST, "port": port}
     app = config["applications"][0]
     model = app["args"]["models"][0]
-    model.update(name=name, source=source, registry=str(registry), batch_invariant=batch_invariant)
+    model.update(name=name, source=source, registry=str(registry))
+    if not batch_invariant:
+        model["batch_invariant"] = False
     app["args"]["models"] = [model]
     app["args"]["aliases"] = []
     # The per-IP limit (100/min) would throttle the load generator, all of it on one IP.
