@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = REPO / "models"
 DEMO = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def restore_logger() -> Iterator[None]:
+    """configure_logging changes the process-wide `awq_serve` logger; put it back after."""
+    from deployments.logging_setup import LOGGER
+
+    logger = logging.getLogger(LOGGER)
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    logger.handlers[:] = saved[2]
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SECONDS_PER_HOUR = 3600.0
 MILLION = 1_000_000
-DEFAULT_PRICES = Path(__file__).resolve().parent.parent / "configs" / "cost.yaml"
+DEFAULT_PRICES = Path(__file__).resolve().parents[2] / "configs" / "cost.yaml"
 
 
 def cost_per_million_tokens(dollars_per_hour: float, tokens_per_s: float) -> float | None:

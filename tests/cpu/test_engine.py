@@ -61,6 +61,7 @@ async def generate(engine: Engine, request_id: str, prompt: list[int], params: S
     return "".join(text), final
 
 
+@pytest.mark.slow  # the demo model, by fixture name
 @pytest.mark.parametrize("which", ["engine", "fp32_engine"])
 def test_greedy_output_in_a_busy_batch_equals_output_alone(which: str, request) -> None:
     """Token for token, on the AWQ and the FP32 model: a request's greedy answer does not depend

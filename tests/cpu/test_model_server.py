@@ -31,6 +31,9 @@ from tests.fakes.fake_engine import CRASH_WORD, FakeEngine
 T = TypeVar("T")
 
 
+pytestmark = pytest.mark.usefixtures("restore_logger")  # the server configures logging
+
+
 @pytest.fixture(autouse=True)
 def batch_outside_a_replica(monkeypatch: pytest.MonkeyPatch) -> None:
     """`@serve.batch` works in any event loop; only its start-up warning (batch size vs.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import re
 import time
@@ -24,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.gateway.health import health_report
-from deployments.logging_setup import LOGGER, configure_logging
+from deployments.logging_setup import configure_logging
 from deployments.metrics import EXPORTED_REPLICA_METRICS, UNKNOWN_MODEL, RouterMetrics
 from deployments.protocol import Finished, Usage
 from tests.serving import CHAT, REPO, free_port, serve_app
@@ -362,17 +361,6 @@ def test_health_is_503_while_a_model_has_no_ready_replica() -> None:
     assert status == 503 and body["status"] == "unavailable"
     status, body = health_report({"a": ready}, {"a": None})  # count unknown: trust the replica
     assert status == 200 and body["status"] == "ok"
-
-
-@pytest.fixture
-def restore_logger():
-    """configure_logging changes the process-wide `awq_serve` logger; put it back after."""
-    logger = logging.getLogger(LOGGER)
-    saved = (logger.level, logger.propagate, list(logger.handlers))
-    yield
-    logger.setLevel(saved[0])
-    logger.propagate = saved[1]
-    logger.handlers[:] = saved[2]
 
 
 def test_log_lines_are_json_with_request_id_and_respect_the_level(

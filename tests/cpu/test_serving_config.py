@@ -141,9 +141,14 @@ def test_chat_request_rejects_out_of_range_fields(fields: dict[str, Any], field:
     assert [e["loc"][0] for e in exc.value.errors()] == [field]
 
 
-def test_chat_request_accepts_unknown_openai_fields() -> None:
-    request = ChatCompletionRequest.model_validate(_chat(presence_penalty=0.5, logprobs=False))
-    assert request.model_extra == {"presence_penalty": 0.5, "logprobs": False}
+def test_chat_request_accepts_openai_fields_at_their_no_op_values() -> None:
+    request = ChatCompletionRequest.model_validate(_chat(presence_penalty=0, logprobs=False))
+    assert request.model_extra == {"presence_penalty": 0, "logprobs": False}
+
+
+def test_chat_request_refuses_openai_fields_that_would_change_the_answer() -> None:
+    with pytest.raises(ValidationError, match="'presence_penalty' is not supported"):
+        ChatCompletionRequest.model_validate(_chat(presence_penalty=0.5))
 
 
 def test_chat_request_normalises_single_stop_string_to_list() -> None:
