@@ -10,12 +10,15 @@ registry.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
@@ -25,6 +28,8 @@ from quantization.gate import gate
 from quantization.recipes import QuantRecipe
 from quantization.registry import Manifest, Registry, library_versions
 from quantization.served import ServedCheckResult, ServedPathCheck
+
+T = TypeVar("T")
 
 log = logging.getLogger("awq_serve.pipeline")
 
@@ -76,6 +81,23 @@ def _resources(gpus: float | None = None, cpus: float | None = None) -> dict[str
     return {"num_cpus": cpus if cpus is not None else cpus_fitting_one_node()}
 
 
+def _worker_ends_if_interrupted(step: Callable[..., T]) -> Callable[..., T]:
+    """Cancellation raises KeyboardInterrupt in the task, possibly inside an import: torch
+    registers its ops at import time and cannot import again ("duplicate registrations for
+    aten.linspace..." in the next task of the same worker). The step's own `finally` has removed
+    its temp by the time the interrupt reaches here, so the worker exits instead of being reused.
+    """
+
+    @functools.wraps(step)
+    def run(*args: Any, **kwargs: Any) -> T:
+        try:
+            return step(*args, **kwargs)
+        except KeyboardInterrupt:
+            os._exit(1)
+
+    return run
+
+
 def _use_assigned_cpus() -> None:
     """Ray caps a task's OpenMP threads; give torch every CPU this task was granted."""
     import torch
@@ -85,6 +107,7 @@ def _use_assigned_cpus() -> None:
 
 
 @ray.remote
+@_worker_ends_if_interrupted
 def _prepare(source: str, cache: str) -> tuple[str, dict]:
     _use_assigned_cpus()
     folder, result = steps.prepare(source, Path(cache))
@@ -93,6 +116,7 @@ def _prepare(source: str, cache: str) -> tuple[str, dict]:
 
 # Steps take the previous steps' (folder, result) pairs; Ray passes them in once they are done.
 @ray.remote
+@_worker_ends_if_interrupted
 def _awq(prepared: tuple[str, dict], recipe: dict, cache: str) -> tuple[str, dict]:
     _use_assigned_cpus()
     r = QuantRecipe.model_validate(recipe)
@@ -101,6 +125,7 @@ def _awq(prepared: tuple[str, dict], recipe: dict, cache: str) -> tuple[str, dic
 
 
 @ray.remote
+@_worker_ends_if_interrupted
 def _evaluate(prepared: tuple[str, dict], awq: tuple[str, dict], recipe: dict, cache: str) -> dict:
     _use_assigned_cpus()
     r = QuantRecipe.model_validate(recipe)
@@ -109,6 +134,7 @@ def _evaluate(prepared: tuple[str, dict], awq: tuple[str, dict], recipe: dict, c
 
 
 @ray.remote
+@_worker_ends_if_interrupted
 def _served(prepared: tuple[str, dict], awq: tuple[str, dict], recipe: dict, check: Any,
             cache: str) -> dict:  # fmt: skip
     _use_assigned_cpus()

@@ -30,11 +30,17 @@ from quantization.served import ChatAnswer, ChatProbe, ServedCheckResult
 log = logging.getLogger("awq_serve.served_check")
 
 RunnerFactory = Callable[..., ModelRunner]
+# Where the reference's two best tokens are this close (log-probability), either pick is
+# rounding, not a runner bug: measured on the demo model, the engine's int4 kernels flipped a
+# 0.053-nat tie that transformers' kernels resolved the other way (KL 2e-4 per token). KL still
+# scores those positions; top-1 agreement counts only decisive ones.
+NEAR_TIE_NATS = 0.1
 
 
 @dataclass
 class _Scores:
-    """Running sums of KL(transformers || engine) and top-1 agreement, per path."""
+    """Running sums of KL(transformers || engine) and top-1 agreement (near ties agree), per
+    path."""
 
     kl: dict[str, float] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
@@ -47,7 +53,9 @@ class _Scores:
         kl = F.kl_div(got, ref, log_target=True, reduction="sum").item()
         self.kl[path] = self.kl.get(path, 0.0) + kl
         self.count[path] = self.count.get(path, 0) + ref.shape[0]
-        self.agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        top2 = ref.topk(2, dim=-1).values  # (positions, 2)
+        near_tie = (top2[:, 0] - top2[:, 1]) < NEAR_TIE_NATS
+        self.agree += int(((ref.argmax(-1) == got.argmax(-1)) | near_tie).sum())
 
     def result(self, chat: list[ChatAnswer], engine: str) -> ServedCheckResult:
         total = sum(self.count.values())

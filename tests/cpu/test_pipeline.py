@@ -288,7 +288,7 @@ def test_job_failing_its_gate_is_not_published_and_cli_exits_1(
     recipe = _recipe_file(tmp_path, impossible)
     rc = _cli(registry, "quantize", str(tiny_llama_dir), "--recipe", recipe, "--name", "strict")
     out, err = capsys.readouterr()
-    assert rc == 1
+    assert rc == 1, err[-3000:]
     assert "NOT PUBLISHED: strict failed its quality gate" in err
     assert "(reused cached steps: prepare, awq, eval, served)" in out
     assert "Gate: FAILED\n" in out
