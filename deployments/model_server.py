@@ -32,7 +32,8 @@ log = logging.getLogger("awq_serve.replica")
 
 # How long a stopping replica lets its in-flight streams run: Serve's `graceful_shutdown_timeout_s`
 # for downscale and redeploy (app.py), and the wait of a drain (`graceful_run`) before shutdown.
-DRAIN_TIMEOUT_S = 30.0
+# Read at import in every process of the app; Ray workers inherit the environment of `serve run`.
+DRAIN_TIMEOUT_S = float(os.environ.get("AWQ_SERVE_DRAIN_S", "30"))
 
 EngineFactory = Callable[[ModelConfig, Any, Callable[[int, float], None]], InferenceEngine]
 
