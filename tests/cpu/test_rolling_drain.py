@@ -68,7 +68,11 @@ def deploy(args: dict[str, Any], deployments: list[dict[str, Any]]) -> None:
 def replicas(deployment: str) -> dict[str, int]:
     from ray import serve
 
-    return dict(serve.status().applications[APP].deployments[deployment].replica_states)
+    app = serve.status().applications.get(APP)
+    # Empty while the controller rebuilds the app (a config with an autoscaling_config override
+    # has a new code version); the replicas keep serving meanwhile.
+    state = app.deployments.get(deployment) if app else None
+    return dict(state.replica_states) if state else {}
 
 
 def change_under_load(url: str, change: Callable[[], None]) -> list[Stream]:
