@@ -9,11 +9,17 @@ from ray.serve import Application
 
 from deployments.config import AppArgs, ModelConfig, RouterUserConfig, apply_env_overrides
 from deployments.gateway.router import Router
-from deployments.model_server import ModelServer
+from deployments.model_server import DRAIN_TIMEOUT_S, ModelServer
 from deployments.model_source import resolve_model_dir
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 ROUTER_DEPLOYMENT = "Router"
+# A stopping replica (downscale, redeploy, app deletion) gets no new requests, and Serve waits for
+# its ongoing ones (a stream counts until its last event) before the destructor and the kill.
+# Serve checks every DRAIN_POLL_S, so an idle replica leaves within that.
+DRAIN_POLL_S = 0.5
+# The router's streams end just after the model's; its extra seconds let them reach the client.
+ROUTER_DRAIN_TIMEOUT_S = DRAIN_TIMEOUT_S + 5
 
 
 def deployment_name(model: str) -> str:
@@ -29,7 +35,8 @@ def model_deployment(config: ModelConfig) -> Application:
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
-        "graceful_shutdown_timeout_s": 30,
+        "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S,
+        "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
         # Batching sizes change live (`serve deploy` with a new user_config), no replica restart.
         "user_config": {"batching": config.batching.model_dump()},
     }
@@ -56,6 +63,8 @@ def build_app(args: dict[str, Any]) -> Application:
         # so a redeployed config without them puts every alias back to its configured split.
         user_config=RouterUserConfig().model_dump(mode="json"),
         max_ongoing_requests=1000,
+        graceful_shutdown_timeout_s=ROUTER_DRAIN_TIMEOUT_S,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         # Pinned to the head node (Ray's built-in head resource): the ingress then lives as
         # long as the cluster, and losing a worker node loses only that node's replicas.
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},

@@ -8,6 +8,7 @@ both sides: `GenerateRequest` in, `Accepted`/`Delta`/`Finished`/`Failed` out.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -28,6 +29,11 @@ from deployments.model_source import resolve_model_dir
 from deployments.protocol import Accepted, Delta, Event, Failed, Finished, GenerateRequest
 
 log = logging.getLogger("awq_serve.replica")
+
+# How long a stopping replica lets its in-flight streams run: Serve's `graceful_shutdown_timeout_s`
+# for downscale and redeploy (app.py), and the wait of a drain (`graceful_run`) before shutdown.
+# Read at import in every process of the app; Ray workers inherit the environment of `serve run`.
+DRAIN_TIMEOUT_S = float(os.environ.get("AWQ_SERVE_DRAIN_S", "30"))
 
 EngineFactory = Callable[[ModelConfig, Any, Callable[[int, float], None]], InferenceEngine]
 
@@ -80,8 +86,10 @@ class ModelServer:
         self._admit.set_max_batch_size(max_batch_size)
         self._admit.set_batch_wait_timeout_s(wait_s)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live changes from `user_config`: batching sizes, no restart."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live changes from `user_config`, no restart: batching sizes, and `draining: true`
+        (sent by `graceful_run` before shutdown) that stops admitting and returns once this
+        replica's streams are done, so Serve reports the update only when every replica drained."""
         batching = user_config.get("batching", {})
         if batching:
             merged = self.config.batching.model_copy(update=batching)
@@ -89,6 +97,15 @@ class ModelServer:
             self.engine.set_limits(
                 merged.max_running, merged.max_prefill_tokens, merged.stream_interval
             )
+        if user_config.get("draining"):
+            await self.drain()
+
+    async def drain(self) -> bool:
+        """Refuse new requests (503 with Retry-After) and wait for in-flight ones, up to
+        DRAIN_TIMEOUT_S; True if all finished. Off the event loop: streams keep flowing."""
+        drained = await asyncio.to_thread(self.engine.drain, DRAIN_TIMEOUT_S)
+        log.info("replica drained" if drained else "drain timed out with requests in flight")
+        return drained
 
     def check_health(self) -> None:
         if not self.engine.healthy:
@@ -154,7 +171,9 @@ class ModelServer:
             metrics.stop_sampling()
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.shutdown(drain_timeout_s=float(os.environ.get("AWQ_SERVE_DRAIN_S", "30")))
+            # Serve calls this once the replica's ongoing requests are done (or its graceful
+            # timeout passed), so the engine has little or nothing left to finish.
+            engine.shutdown(drain_timeout_s=DRAIN_TIMEOUT_S)
 
 
 def resident_memory_mb() -> float:

@@ -172,8 +172,39 @@ def test_stop_string_ends_with_stop(model_dir: Path) -> None:
 def test_live_batching_changes_reach_the_engine(model_dir: Path) -> None:
     engine = FakeEngine()
     server = make_server(model_dir, engine)
-    server.reconfigure({"batching": {"max_running": 3, "max_batch_size": 2}})
+    run(server.reconfigure({"batching": {"max_running": 3, "max_batch_size": 2}}))
     assert engine.limits is not None and engine.limits[0] == 3
+
+
+def test_draining_finishes_in_flight_streams_and_refuses_new_ones_with_retry_after(
+    model_dir: Path,
+) -> None:
+    engine = FakeEngine(step_s=0.02)
+    server = make_server(model_dir, engine)
+
+    async def drain_under_load() -> tuple[list[list[Event]], list[Event], bool]:
+        streams = [server.generate(completion("a b c d e f g h", rid=f"s{i}")) for i in (1, 2)]
+        for gen in streams:  # admitted before the drain starts
+            assert isinstance(await anext(gen), Accepted)
+
+        async def rest(gen: Any) -> list[Event]:
+            return [e async for e in gen]
+
+        readers = [asyncio.ensure_future(rest(g)) for g in streams]
+        drain = asyncio.ensure_future(server.reconfigure({"draining": True}))
+        await asyncio.sleep(0.05)  # the drain has begun; the streams are mid-way
+        assert not drain.done(), "the drain must wait for the in-flight streams"
+        late = await events(server, completion("x y", rid="late"))
+        await drain
+        return [await r for r in readers], late, server.engine.stats.running == 0
+
+    finished, late, idle_when_drain_returned = run(drain_under_load())
+    assert idle_when_drain_returned
+    for out in finished:
+        assert isinstance(out[-1], Finished) and out[-1].reason == "length"
+        assert out[-1].usage.completion_tokens == 8
+    assert len(late) == 1 and isinstance(late[0], Failed)
+    assert late[0].error.status == 503 and late[0].error.headers == {"Retry-After": "1"}
 
 
 def test_health_check_fails_once_the_engine_dies(model_dir: Path) -> None:

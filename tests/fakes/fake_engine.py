@@ -136,7 +136,11 @@ class FakeEngine:
             task.cancel()
 
     def drain(self, timeout_s: float) -> bool:
+        """Blocks like the real engine's (the server calls it from a worker thread)."""
         self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
         return not self._tasks
 
     def shutdown(self, drain_timeout_s: float = 30.0) -> None:
