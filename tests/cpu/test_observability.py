@@ -22,11 +22,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.gateway.health import health_report
+from deployments.gateway.health import ModelState, health_report
 from deployments.logging_setup import configure_logging
 from deployments.metrics import EXPORTED_REPLICA_METRICS, UNKNOWN_MODEL, RouterMetrics
 from deployments.protocol import Finished, Usage
-from tests.serving import CHAT, REPO, free_port, serve_app
+from tests.serving import CHAT, REPO, free_port, health_detail, serve_app
 
 DASHBOARD = REPO / "configs" / "grafana" / "awq-serve.json"
 PRICE = 2.0  # $/GPU-hour configured for the served model
@@ -271,10 +271,14 @@ def test_every_dashboard_metric_appears_in_a_scrape(router_samples, replica_samp
 def test_health_reports_readiness_replicas_and_queue_depth(app, traffic) -> None:
     r = httpx.get(app.url + "/health", timeout=30)
     assert r.status_code == 200, r.text
-    model = r.json()["models"][CHAT]
-    assert model["ready"] is True and model["healthy"] is True
-    assert model["replicas"] == 1
-    assert (model["running"], model["waiting"]) == (0, 0)
+    assert r.json()["models"][CHAT] == {"ready": True, "replicas": 1}
+
+    model = health_detail(
+        lambda: httpx.get(app.url + "/health?detail=1", timeout=30).json(),
+        CHAT,
+        until=lambda m: (m.get("running"), m.get("waiting")) == (0, 0),
+    )
+    assert model["ready"] is True and model["healthy"] is True and model["replicas"] == 1
 
 
 def test_json_logs_carry_the_request_id_from_router_to_replica(app, traffic) -> None:
@@ -351,16 +355,21 @@ def test_router_cost_gauge_uses_the_window_throughput() -> None:
     assert m.cost_per_request.labels("b")._value.get() == pytest.approx(per_million * 100 / 1e6)
 
 
-def test_health_is_503_while_a_model_has_no_ready_replica() -> None:
-    ready = {"healthy": True, "running": 1, "waiting": 0}
-    status, body = health_report({"a": ready, "b": {"healthy": False, "error": "TimeoutError"}},
-                                 {"a": 1, "b": None})  # fmt: skip
-    assert status == 503 and body["not_ready"] == ["b"]
-    assert body["models"]["a"]["ready"] is True and body["models"]["a"]["running"] == 1
-    status, body = health_report({"a": ready}, {"a": 0})  # Serve says none is running
-    assert status == 503 and body["status"] == "unavailable"
-    status, body = health_report({"a": ready}, {"a": None})  # count unknown: trust the replica
-    assert status == 200 and body["status"] == "ok"
+def test_health_is_503_while_a_model_has_no_running_replica() -> None:
+    status, body = health_report({"a": ModelState(1, "HEALTHY"), "b": ModelState(0, "UNHEALTHY")})
+    assert status == 503 and body["not_ready"] == ["b"] and body["status"] == "unavailable"
+    assert body["models"]["a"] == {"ready": True, "replicas": 1}  # the public body: no details
+    status, body = health_report({"a": ModelState(None)})  # count unknown: not a reason for 503
+    assert status == 200 and body["status"] == "ok" and body["models"]["a"]["ready"] is True
+
+
+def test_health_detail_merges_the_replicas_last_info_but_never_decides_readiness() -> None:
+    busy = {"healthy": False, "error": "TimeoutError", "source": "m:v1"}  # info() timed out
+    status, body = health_report({"a": ModelState(2, "HEALTHY")}, {"a": busy})
+    assert status == 200
+    model = body["models"]["a"]
+    assert model["ready"] is True and model["replicas"] == 2
+    assert model["source"] == "m:v1" and model["deployment_status"] == "HEALTHY"
 
 
 def test_log_lines_are_json_with_request_id_and_respect_the_level(
