@@ -22,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.gateway.health import ModelState, health_report
+from deployments.gateway.health import ModelState, controller_states, health_report
 from deployments.logging_setup import configure_logging
 from deployments.metrics import EXPORTED_REPLICA_METRICS, UNKNOWN_MODEL, RouterMetrics
 from deployments.protocol import Finished, Usage
@@ -370,6 +370,43 @@ def test_health_detail_merges_the_replicas_last_info_but_never_decides_readiness
     model = body["models"]["a"]
     assert model["ready"] is True and model["replicas"] == 2
     assert model["source"] == "m:v1" and model["deployment_status"] == "HEALTHY"
+
+
+def test_controller_states_count_running_replicas_per_model_deployment() -> None:
+    from ray.serve.handle import DeploymentHandle
+    from ray.serve.schema import (
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentStatus,
+        DeploymentStatusOverview,
+        DeploymentStatusTrigger,
+        ServeStatus,
+    )
+
+    def deployment(status: DeploymentStatus, **replicas: int) -> DeploymentStatusOverview:
+        return DeploymentStatusOverview(
+            status, DeploymentStatusTrigger.UNSPECIFIED, dict(replicas), ""
+        )
+
+    app = ApplicationStatusOverview(
+        ApplicationStatus.DEPLOYING,
+        "",
+        0.0,
+        {
+            "ModelServer-a": deployment(DeploymentStatus.HEALTHY, RUNNING=2, STARTING=1),
+            "ModelServer-b": deployment(DeploymentStatus.UNHEALTHY, STARTING=1),
+        },
+    )
+    handles = {
+        name: DeploymentHandle(f"ModelServer-{name}", "awq-serve") for name in ("a", "b", "c")
+    }
+    states = controller_states(ServeStatus(applications={"awq-serve": app}), handles)
+    assert states == {
+        "a": ModelState(2, "HEALTHY"),
+        "b": ModelState(0, "UNHEALTHY"),
+        "c": ModelState(0, None),  # not deployed: nothing serves it
+    }
+    assert health_report(states)[1]["not_ready"] == ["b", "c"]
 
 
 def test_log_lines_are_json_with_request_id_and_respect_the_level(
