@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -169,35 +169,27 @@ class Router:
             call.completion = text
         self.admission.finish(call, status, final, text)
 
-    def _abandoned(self, call: Call, error: BaseException) -> None:
-        """Record a request that ended in an exception other than an ApiError: the client
-        left (the task was cancelled) or a bug; either way its slot and tokens come back."""
-        cancelled = isinstance(error, asyncio.CancelledError)
-        self.admission.finish(call, CLIENT_CLOSED if cancelled else 500, None)
-
-    async def _open(self, call: Call, request: GenerateRequest, sticky: str | None) -> Any:
+    @contextlib.contextmanager
+    def _recorded(self, call: Call) -> Iterator[None]:
+        """An exception here ends the call's record: an ApiError as its status; any other is
+        the client leaving (the task was cancelled) or a bug. Either way the request's slot and
+        unused tokens come back."""
         try:
-            return await self.relay.open(call, request, sticky)
+            yield
         except ApiError as e:
             self.admission.fail(call, e)
             raise
         except BaseException as e:
-            self._abandoned(call, e)
+            cancelled = isinstance(e, asyncio.CancelledError)
+            self.admission.finish(call, CLIENT_CLOSED if cancelled else 500, None)
             raise
 
     async def _complete(
         self, call: Call, request: GenerateRequest, sticky: str | None
     ) -> tuple[str, Finished]:
         """Run a request to its end (no streaming); every outcome is recorded once."""
-        gen = await self._open(call, request, sticky)
-        try:
-            text, final = await self.relay.collect(gen)
-        except ApiError as e:
-            self.admission.fail(call, e)
-            raise
-        except BaseException as e:
-            self._abandoned(call, e)
-            raise
+        with self._recorded(call):
+            text, final = await self.relay.collect(await self.relay.open(call, request, sticky))
         self._ended(call, 200, final, text)
         return text, final
 
@@ -213,7 +205,8 @@ class Router:
             text, final = await self._complete(call, request, sticky)
             body = fmt.full_response(request.kind, call.request_id, call.model, text, final)
             return JSONResponse(body, headers=self._headers(call))
-        gen = await self._open(call, request, sticky)
+        with self._recorded(call):
+            gen = await self.relay.open(call, request, sticky)
         on_end = lambda status, final, text: self._ended(call, status, final, text)  # noqa: E731
 
         def closed() -> None:
