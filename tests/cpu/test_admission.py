@@ -151,6 +151,7 @@ def test_anonymous_token_budget_reserves_then_refunds_what_was_not_generated() -
     spent = refused(gate, request(completion(200)))
     assert spent.status == 429 and spent.body()["error"]["type"] == "tokens"
     assert int(spent.headers["Retry-After"]) >= 10  # ~100 tokens short at 10 tokens/s
+    assert gate.concurrency.in_flight("203.0.113.5") == 1  # the refused one's slot came back
     gate.finish(big, 200, done(40))  # 461 of the 501 come back
     begin(gate, request(completion(200)))
 
