@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 log = logging.getLogger("awq_serve.router")
 # Retry-After of a 503: about when the next snapshot may say otherwise.
 RETRY_AFTER_S = 2
+CONFIRM_AFTER_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class HealthMonitor:
         self.states: dict[str, ModelState] = {name: ModelState(None) for name in handles}
         self.infos: dict[str, dict[str, Any]] = {}
         self._info_at: dict[str, float] = {}
-        self._polled = False
+        self._states_at: float | None = None  # when the controller last answered
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -141,7 +142,7 @@ class HealthMonitor:
 
     async def refresh_states(self) -> None:
         self.states = controller_states(await serve_status(), self.handles)
-        self._polled = True
+        self._states_at = self._clock()
 
     async def refresh_infos(self) -> None:
         names = list(self.handles)
@@ -161,9 +162,19 @@ class HealthMonitor:
             for name, info in self.infos.items()
         }
 
+    def _stale_refusal(self) -> bool:
+        # A 503 is confirmed with the controller first (its answer can be a second old, e.g.
+        # from just before a replica started), at most a few times a second.
+        at = self._states_at
+        if at is None:
+            return True
+        not_ready = any(state.replicas == 0 for state in self.states.values())
+        return not_ready and self._clock() - at > CONFIRM_AFTER_S
+
     async def report(self, detail: bool = False) -> tuple[int, dict[str, Any]]:
-        """(status, body) from the snapshots; the very first call reads the controller once."""
-        if not self._polled:
+        """(status, body) from the snapshots. Only the first call, and a 503 from a snapshot
+        older than CONFIRM_AFTER_S, read the controller (never a replica) on the way."""
+        if self._stale_refusal():
             try:
                 await self.refresh_states()
             except Exception:

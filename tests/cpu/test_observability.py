@@ -22,7 +22,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.gateway.health import ModelState, controller_states, health_report
+from deployments.gateway.health import (
+    HealthMonitor,
+    ModelState,
+    controller_states,
+    health_report,
+)
 from deployments.logging_setup import configure_logging
 from deployments.metrics import EXPORTED_REPLICA_METRICS, UNKNOWN_MODEL, RouterMetrics
 from deployments.protocol import Finished, Usage
@@ -370,6 +375,18 @@ def test_health_detail_merges_the_replicas_last_info_but_never_decides_readiness
     model = body["models"]["a"]
     assert model["ready"] is True and model["replicas"] == 2
     assert model["source"] == "m:v1" and model["deployment_status"] == "HEALTHY"
+
+
+def test_health_monitor_rereads_the_controller_only_for_a_503_from_an_old_snapshot() -> None:
+    now = [100.0]
+    monitor = HealthMonitor({}, clock=lambda: now[0])
+    assert monitor._stale_refusal()  # nothing read yet
+    monitor.states, monitor._states_at = {"a": ModelState(0)}, now[0]
+    assert not monitor._stale_refusal()  # a fresh 503 stands
+    now[0] += 1.0
+    assert monitor._stale_refusal()  # an old one is confirmed first
+    monitor.states = {"a": ModelState(1)}
+    assert not monitor._stale_refusal()  # a 200 is answered from the snapshot, however old
 
 
 def test_controller_states_count_running_replicas_per_model_deployment() -> None:
