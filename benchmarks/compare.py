@@ -235,6 +235,11 @@ def awq_serve_config(
     app["args"]["aliases"] = []
     # The per-IP limit (100/min) would throttle the load generator, all of it on one IP.
     app["args"]["rate_limit"] = {"requests_per_minute_per_ip": 1_000_000}
+    # So would the anonymous caps (requests in flight, tokens per minute) on its one client.
+    app["args"]["client_limits"] = {
+        "max_concurrent_per_client": 100_000,
+        "tokens_per_minute_per_ip": None,
+    }
     app["args"]["audit"] = {"enabled": True, "path": str(audit)}
     app["args"]["allow_ignore_eos"] = True  # the load decodes to max_tokens on every system
     return config

@@ -1,10 +1,10 @@
 """Schema fuzzing of the inference paths with Schemathesis: no generated request may get a 5xx.
 
-The app's own `/openapi.json` is the source. Two adjustments keep the fuzzing on the engine:
-operations without a documented request body get the body model from deployments/gateway/schemas.py
-(the router reads raw bodies, so FastAPI cannot document them itself), and `model` is limited to
-the served names (a random name is a 404 that never reaches a replica). Generation lengths are
-capped (`--max-tokens-cap`) so thousands of cases finish on a CPU.
+The app's own `/openapi.json` is the source, request bodies as the app documents them (the
+pydantic models of deployments/gateway/schemas.py). Two adjustments keep the fuzzing on the
+engine: `model` is limited to the served names (a random name is a 404 that never reaches a
+replica), and generation lengths are capped (`--max-tokens-cap`) so thousands of cases finish on
+a CPU.
 
 tests/cpu/test_schema_fuzz.py runs a short fixed-seed version in CI; this script is the long run:
 
@@ -24,20 +24,10 @@ import httpx
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from pydantic import BaseModel
 
 from benchmarks.load import ensure_loopback
-from deployments.gateway.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    SeedGenerateRequest,
-)
 
-INFERENCE: dict[str, type[BaseModel]] = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-    "/generate": SeedGenerateRequest,
-}
+INFERENCE = ("/v1/chat/completions", "/v1/completions", "/generate")
 # The first of these a body schema has becomes required, so no case falls back to the default
 # length (hundreds of tokens on a CPU); all of them are capped.
 LENGTH_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
@@ -47,22 +37,17 @@ DEFAULT_SEED = 20261202
 def inference_document(
     doc: dict[str, Any], models: Sequence[str], max_tokens_cap: int | None
 ) -> dict[str, Any]:
-    """The inference paths of `doc`, with request bodies filled in, `model` and lengths bounded."""
+    """The inference paths of `doc`, with `model` and lengths bounded; their request bodies
+    must be documented (ValueError if not: there would be nothing to fuzz)."""
     doc = copy.deepcopy(doc)
     missing = set(INFERENCE) - set(doc.get("paths", {}))
     if missing:
         raise ValueError(f"the OpenAPI document lacks inference paths {sorted(missing)}")
+    undocumented = [p for p in INFERENCE if "requestBody" not in doc["paths"][p].get("post", {})]
+    if undocumented:
+        raise ValueError(f"the OpenAPI document has no request body for {undocumented}")
     doc["paths"] = {p: ops for p, ops in doc["paths"].items() if p in INFERENCE}
-    components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in INFERENCE.items():
-        post = doc["paths"][path]["post"]
-        if "requestBody" not in post:
-            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(schema.pop("$defs", {}))
-            components.setdefault(model.__name__, schema)
-            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-            content = {"application/json": {"schema": ref}}
-            post["requestBody"] = {"required": True, "content": content}
+    components = doc.get("components", {}).get("schemas", {})
     for schema in components.values():
         _bound(schema, models, max_tokens_cap)
     return doc

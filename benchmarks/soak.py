@@ -139,8 +139,8 @@ async def send_hostile(client: httpx.AsyncClient, case: HostileCase) -> str:
 
 
 async def replica_rss(client: httpx.AsyncClient) -> dict[str, float]:
-    """`memory_mb` of each model's replica as `/health` reports it (one replica per model)."""
-    body = (await client.get("/health")).json()
+    """`memory_mb` of each model's replica as `/health?detail=1` reports it (one per model)."""
+    body = (await client.get("/health?detail=1")).json()
     models = body.get("models", {})
     return {name: m["memory_mb"] for name, m in models.items() if "memory_mb" in m}
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from deployments.gateway.audit import AuditConfig
 from deployments.gateway.auth import AuthConfig
 from deployments.gateway.client_identity import ClientIdentityConfig
+from deployments.gateway.client_limits import ClientLimitsConfig
 from deployments.gateway.rate_limit import RateLimitConfig
 from deployments.gateway.traffic import TrafficSplit
 
@@ -167,6 +168,11 @@ class AppArgs(_Strict):
         default_factory=ClientIdentityConfig,
         description="Which proxies' X-Forwarded-For to believe for the client's IP.",
     )
+    client_limits: ClientLimitsConfig = Field(
+        default_factory=ClientLimitsConfig,
+        description="Clients without an API key: requests in flight per client and tokens per "
+        "minute per IP (429 with Retry-After past either). Keys have their own limits.",
+    )
     allow_ignore_eos: bool = Field(
         False,
         description="Accept `ignore_eos` (decode to max_tokens past the end of the answer) from "
@@ -186,6 +192,12 @@ class AppArgs(_Strict):
                 raise ValueError(f"alias '{alias.name}' names unknown models: {sorted(missing)}")
             if alias.name in names:
                 raise ValueError(f"alias '{alias.name}' clashes with a model name")
+        tpm = self.client_limits.tokens_per_minute_per_ip
+        if tpm is not None and tpm < self.router_replicas:
+            raise ValueError(
+                f"client_limits.tokens_per_minute_per_ip={tpm} is below router_replicas="
+                f"{self.router_replicas}: each replica's share would be under 1 token per minute"
+            )
         return self
 
     def with_absolute_paths(self) -> AppArgs:

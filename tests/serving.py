@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ def app_args(
     args["models"][0].update(model_overrides or {})
     args["rate_limit"] = {"requests_per_minute_per_ip": 100_000}
     args["allow_ignore_eos"] = True  # the tests' load decodes to max_tokens, as benchmarks do
+    # One test client sends many requests at once from one address, as a load generator does.
+    args["client_limits"] = {"max_concurrent_per_client": 10_000, "tokens_per_minute_per_ip": None}
     args.update(overrides)
     return args
 
@@ -82,3 +85,21 @@ def deploy_config(args: dict[str, Any], timeout_s: int = 600) -> None:
     client = _get_global_client()
     client.deploy_apps(ServeDeploySchema(applications=[{**app, "args": args}]))
     client._wait_for_application_running(APP, timeout_s=timeout_s)
+
+
+def health_detail(
+    fetch: Callable[[], dict[str, Any]],
+    model: str,
+    until: Callable[[dict[str, Any]], bool] = lambda m: m.get("healthy") is True,
+    timeout_s: float = 30,
+) -> dict[str, Any]:
+    """`model`'s entry of a `/health?detail=1` body (`fetch` gets one) once `until` holds.
+
+    The detail is each replica's `info()` as the router last polled it, in the background every
+    few seconds, so a test waits for the state it expects rather than reading it once.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not until(entry := fetch()["models"][model]):
+        assert time.monotonic() < deadline, f"/health detail never matched: {entry}"
+        time.sleep(0.5)
+    return entry

@@ -126,6 +126,12 @@ class RateDecision:
             headers["Retry-After"] = str(self.retry_after_header)
         return headers
 
+    @staticmethod
+    def tightest(*decisions: RateDecision) -> RateDecision:
+        """The decision whose headers a response carries: a denial, else the least left."""
+        limited = [d for d in decisions if d.scope != "off"] or list(decisions)
+        return min(limited, key=lambda d: (d.allowed, d.remaining / max(d.limit, 1)))
+
     def raise_if_denied(self) -> None:
         """Raise `RateLimitError` (429 with headers) when this decision denies the request."""
         if not self.allowed:
@@ -250,14 +256,31 @@ class RateLimiter:
             if key_id is not None:
                 rpm = key_rpm or self.config.requests_per_minute_per_key
                 buckets.append(("key", self._bucket("key", key_id, rpm)))
-            waits = [(bucket.wait_s(1.0), scope, bucket) for scope, bucket in buckets]
-            wait, scope, bucket = max(waits, key=lambda w: w[0])
-            if wait > 0:
-                return self._decision(bucket, scope, "requests", wait)
-            for _, b in buckets:
-                b.try_acquire(1.0)
-            scope, bucket = min(buckets, key=lambda sb: sb[1].remaining / sb[1].capacity)
-            return self._decision(bucket, scope, "requests")
+            return self._take_one(buckets)
+
+    def check_ip(self, client_ip: str) -> RateDecision:
+        """Count one request against its IP alone: before the key is even looked at, so a
+        client guessing keys spends its IP's budget and meets 429s, not endless 401s."""
+        return self.check_request(client_ip, None)
+
+    def check_key(self, key_id: str, key_rpm: int | None = None) -> RateDecision:
+        """Count one request against an authenticated key (its IP was charged already)."""
+        if not self.config.enabled:
+            return RateDecision.unlimited()
+        with self._lock:
+            rpm = key_rpm or self.config.requests_per_minute_per_key
+            return self._take_one([("key", self._bucket("key", key_id, rpm))])
+
+    def _take_one(self, buckets: list[tuple[Scope, TokenBucket]]) -> RateDecision:
+        """One token from every bucket, or none from any; call with the lock held."""
+        waits = [(bucket.wait_s(1.0), scope, bucket) for scope, bucket in buckets]
+        wait, scope, bucket = max(waits, key=lambda w: w[0])
+        if wait > 0:
+            return self._decision(bucket, scope, "requests", wait)
+        for _, b in buckets:
+            b.try_acquire(1.0)
+        scope, bucket = min(buckets, key=lambda sb: sb[1].remaining / sb[1].capacity)
+        return self._decision(bucket, scope, "requests")
 
     def _token_limit(self, key_tpm: int | None) -> int | None:
         return key_tpm or self.config.tokens_per_minute_per_key

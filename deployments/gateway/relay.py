@@ -57,6 +57,9 @@ class Relay:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     first = await gen.__anext__()
+            except asyncio.CancelledError:  # the client left while it waited
+                gen.cancel()
+                raise
             except BackPressureError as e:
                 raise overloaded() from e
             except TimeoutError as e:
@@ -97,6 +100,9 @@ class Relay:
         except TimeoutError as e:
             gen.cancel()
             raise timed_out(self.timeout_s) from e
+        except asyncio.CancelledError:  # the client left: stop the generation
+            gen.cancel()
+            raise
         except RayActorError as e:
             raise replica_died("mid-request") from e
         raise ApiError(502, "The replica ended the stream early.", type="server_error")

@@ -6,11 +6,14 @@ Holds no model and imports neither torch nor transformers. Each route turns its 
 """
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -19,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.config import AppArgs, RouterUserConfig
 from deployments.errors import ApiError, ModelNotFoundError
 from deployments.gateway import openai_format as fmt
-from deployments.gateway.admission import Admission, Call
-from deployments.gateway.health import health_report, replica_counts, replica_info
+from deployments.gateway.admission import CLIENT_CLOSED, Admission, Call
+from deployments.gateway.health import RETRY_AFTER_S, HealthMonitor
+from deployments.gateway.openapi_docs import document_bodies, error_responses, json_body
 from deployments.gateway.relay import Relay
 from deployments.gateway.schemas import (
     ChatCompletionRequest,
@@ -39,6 +43,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 VARIANT_HEADER = "X-AWQ-Variant"
 
 fastapi_app = FastAPI(title="awq-serve", description="OpenAI-compatible AWQ model server")
+document_bodies(fastapi_app, [ChatCompletionRequest, CompletionRequest, SeedGenerateRequest])
 
 
 @fastapi_app.middleware("http")
@@ -59,10 +64,38 @@ async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+@fastapi_app.exception_handler(RequestValidationError)
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # A bad query parameter (`/health?detail=maybe`): 400 with the OpenAI body, never 422.
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    err = ApiError(400, f"Invalid '{param}': {first.get('msg', 'invalid')}.", param=param,
+                   code="invalid_value")  # fmt: skip
+    return JSONResponse(err.body(), status_code=400)
+
+
 @fastapi_app.exception_handler(StarletteHTTPException)
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     err = ApiError(exc.status_code, str(exc.detail), code="not_found")
     return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+class EndedStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls `on_closed` however sending it ended.
+
+    The body generator's own `finally` covers a stream that started; a client that leaves
+    before the first byte cancels the response before the generator ever runs, and only this
+    sees it (so the request's concurrency slot and tokens still come back)."""
+
+    def __init__(self, content: Any, on_closed: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_closed = on_closed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_closed()
 
 
 def sampling_params(req: SamplingFields, default_max_tokens: int) -> SamplingParams:
@@ -96,7 +129,11 @@ class Router:
         )
         self.admission = Admission(self.args, self.metrics)
         self.relay = Relay(handles, self.args.request_timeout_s, self._variant)
+        self.health_monitor = HealthMonitor(handles)
         configure_logging(self.args.log_level)
+        # Serve builds the replica on its event loop; without one, the first /health starts it.
+        with contextlib.suppress(RuntimeError):
+            self.health_monitor.start()
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Live split weights (`awq-serve rollout` / `rollback`, `serve deploy`), no restart.
@@ -128,19 +165,31 @@ class Router:
         return {**call.headers, VARIANT_HEADER: call.variant}
 
     def _ended(self, call: Call, status: int, final: Finished | None, text: str) -> None:
-        if self.args.audit.log_prompts:
+        if self.args.audit.log_prompts and not call.ended:
             call.completion = text
-        self.admission.finish(call, status, final)
+        self.admission.finish(call, status, final, text)
+
+    @contextlib.contextmanager
+    def _recorded(self, call: Call) -> Iterator[None]:
+        """An exception here ends the call's record: an ApiError as its status; any other is
+        the client leaving (the task was cancelled) or a bug. Either way the request's slot and
+        unused tokens come back."""
+        try:
+            yield
+        except ApiError as e:
+            self.admission.fail(call, e)
+            raise
+        except BaseException as e:
+            cancelled = isinstance(e, asyncio.CancelledError)
+            self.admission.finish(call, CLIENT_CLOSED if cancelled else 500, None)
+            raise
 
     async def _complete(
         self, call: Call, request: GenerateRequest, sticky: str | None
     ) -> tuple[str, Finished]:
         """Run a request to its end (no streaming); every outcome is recorded once."""
-        try:
+        with self._recorded(call):
             text, final = await self.relay.collect(await self.relay.open(call, request, sticky))
-        except ApiError as e:
-            self.admission.fail(call, e)
-            raise
         self._ended(call, 200, final, text)
         return text, final
 
@@ -156,20 +205,28 @@ class Router:
             text, final = await self._complete(call, request, sticky)
             body = fmt.full_response(request.kind, call.request_id, call.model, text, final)
             return JSONResponse(body, headers=self._headers(call))
-        try:
+        with self._recorded(call):
             gen = await self.relay.open(call, request, sticky)
-        except ApiError as e:
-            self.admission.fail(call, e)
-            raise
         on_end = lambda status, final, text: self._ended(call, status, final, text)  # noqa: E731
-        return StreamingResponse(
+
+        def closed() -> None:
+            if not call.ended:  # the body never ran to its end: the client left early
+                gen.cancel()
+                self._ended(call, CLIENT_CLOSED, None, "")
+
+        return EndedStreamingResponse(
             self.relay.sse(call, gen, request.kind, include_usage, on_end),
+            on_closed=closed,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **self._headers(call)},
         )
 
     # ---- routes ----------------------------------------------------------------------------
-    @fastapi_app.post("/v1/chat/completions")
+    @fastapi_app.post(
+        "/v1/chat/completions",
+        openapi_extra=json_body(ChatCompletionRequest, streams=True),
+        responses=error_responses(),
+    )
     async def chat_completions(self, request: Request) -> Response:
         call, req = await self.admission.begin(
             request, ChatCompletionRequest, "chat", self._default_max_tokens
@@ -184,7 +241,11 @@ class Router:
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._run(call, engine_request, req.user, req.stream, usage)
 
-    @fastapi_app.post("/v1/completions")
+    @fastapi_app.post(
+        "/v1/completions",
+        openapi_extra=json_body(CompletionRequest, streams=True),
+        responses=error_responses(),
+    )
     async def completions(self, request: Request) -> Response:
         call, req = await self.admission.begin(
             request, CompletionRequest, "completions", self._default_max_tokens
@@ -199,7 +260,12 @@ class Router:
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._run(call, engine_request, req.user, req.stream, usage)
 
-    @fastapi_app.post("/generate", response_model=GenerateResponse)
+    @fastapi_app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        openapi_extra=json_body(SeedGenerateRequest),
+        responses=error_responses(),
+    )
     async def generate(self, request: Request) -> JSONResponse:
         call, req = await self.admission.begin(
             request, SeedGenerateRequest, "generate", self._default_max_tokens
@@ -251,13 +317,15 @@ class Router:
         }
 
     @fastapi_app.get("/health")
-    async def health(self, request: Request) -> JSONResponse:
-        self.admission.authenticate_path(request)
-        infos = await asyncio.gather(*(replica_info(h) for h in self.handles.values()))
-        status, body = health_report(
-            dict(zip(self.handles, infos, strict=True)), await replica_counts(self.handles)
-        )
-        return JSONResponse(body, status_code=status)
+    async def health(self, request: Request, detail: bool = False) -> JSONResponse:
+        """Ready or not per model, from Serve's controller (refreshed every second, never
+        through a replica's queue); 503 while a model has no running replica. `?detail=1` adds
+        each replica's last reported info and needs a key when auth is on."""
+        self.admission.authenticate_path(request, always=detail)
+        self.health_monitor.start()
+        status, body = await self.health_monitor.report(detail)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @fastapi_app.get("/metrics")
     async def metrics(self, request: Request) -> Response:

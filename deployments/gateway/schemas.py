@@ -157,6 +157,19 @@ class SeedGenerateRequest(BaseModel):
         return self.max_new_tokens
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body, as OpenAI's API writes it."""
+
+    error: ErrorDetail
+
+
 class GenerateResponse(BaseModel):
     generated_text: str
     inference_time: float

@@ -34,7 +34,8 @@ def base_url(registry_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def running(base_url: str) -> int:
-    return httpx.get(base_url + "/health", timeout=30).json()["models"][CHAT]["running"]
+    # The detail's queue depth is as the router last polled it (every few seconds).
+    return httpx.get(base_url + "/health?detail=1", timeout=30).json()["models"][CHAT]["running"]
 
 
 def wait_idle(base_url: str, deadline_s: float = 15) -> int:

@@ -151,5 +151,7 @@ def test_generated_serve_config_is_loopback_unthrottled_and_leaves_the_base_alon
     args = config["applications"][0]["args"]
     assert args["models"][0] == {"name": "fp", "source": "fp-ref", "registry": str(tmp_path)}
     assert args["rate_limit"]["requests_per_minute_per_ip"] >= 1_000_000
+    assert args["client_limits"]["max_concurrent_per_client"] >= 100_000
+    assert args["client_limits"]["tokens_per_minute_per_ip"] is None
     assert base_config["http_options"]["port"] == 8000
     assert base_config["applications"][0]["args"]["models"][0]["name"] == "m"

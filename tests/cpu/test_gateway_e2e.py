@@ -27,7 +27,7 @@ from deployments.gateway.admission import estimate_prompt_tokens
 from deployments.gateway.auth import create_key
 from deployments.gateway.router import VARIANT_HEADER
 from deployments.gateway.traffic import TrafficSplit, choose_variant
-from tests.serving import APP, CHAT, REPO, serve_app
+from tests.serving import APP, CHAT, REPO, health_detail, serve_app
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
@@ -208,10 +208,14 @@ def test_key_restricted_to_one_model_gets_403_on_another(gw) -> None:
     assert FP16 in e.value.body["message"]
 
 
-def test_health_and_metrics_stay_public(gw) -> None:
+def test_health_and_metrics_stay_public_and_the_health_detail_needs_a_key(gw) -> None:
     health = gw.get("/health")
     assert health.status_code == 200
-    sources = {name: m["source"] for name, m in health.json()["models"].items()}
+    assert health.json()["models"] == {m: {"ready": True, "replicas": 1} for m in (AWQ, FP16)}
+    refused = gw.get("/health?detail=1")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    sources = {m: health_detail(lambda: gw.get("/health?detail=1", key="full").json(), m)["source"]
+               for m in (AWQ, FP16)}  # fmt: skip
     assert sources[AWQ].startswith(CHAT + ":") and sources[FP16].startswith(CHAT + "-fp16:")
     metrics = gw.get("/metrics")
     assert metrics.status_code == 200 and "inference_requests_total" in metrics.text

@@ -20,7 +20,7 @@ import pytest
 
 from benchmarks.hostile_cases import CASES, HostileCase
 from deployments.app import deployment_name
-from tests.serving import CHAT, serve_app
+from tests.serving import CHAT, health_detail, serve_app
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
@@ -50,7 +50,7 @@ def replica_identity(url: str) -> dict[str, Any]:
         for a in state.actors().values()
         if a["ActorClassName"].startswith("ServeReplica:") and deployment in a["ActorClassName"]
     ]
-    health = httpx.get(url + "/health", timeout=30).json()["models"][CHAT]
+    health = health_detail(lambda: httpx.get(url + "/health?detail=1", timeout=30).json(), CHAT)
     return {
         "pids": sorted(a["Pid"] for a in actors if a["State"] == "ALIVE"),
         "dead": sum(a["State"] == "DEAD" for a in actors),

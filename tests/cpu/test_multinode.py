@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from deployments.app import deployment_name
-from tests.serving import CHAT, app_args, free_port
+from tests.serving import CHAT, app_args, free_port, health_detail
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
@@ -276,5 +276,8 @@ def test_losing_a_node_keeps_requests_flowing_on_the_surviving_replica(app: App)
         "Ray to mark node_b dead",
     )
     assert alive_on(app, REPLICA_CLASS) == [app.node_ids["node_a"]]
-    health = httpx.get(app.url + "/health", timeout=30).json()
-    assert health["models"][CHAT]["node_id"] == app.node_ids["node_a"]
+    health_detail(
+        lambda: httpx.get(app.url + "/health?detail=1", timeout=30).json(),
+        CHAT,
+        until=lambda m: m.get("node_id") == app.node_ids["node_a"],
+    )

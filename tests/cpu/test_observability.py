@@ -22,11 +22,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.gateway.health import health_report
+from deployments.gateway.health import (
+    HealthMonitor,
+    ModelState,
+    controller_states,
+    health_report,
+)
 from deployments.logging_setup import configure_logging
 from deployments.metrics import EXPORTED_REPLICA_METRICS, UNKNOWN_MODEL, RouterMetrics
 from deployments.protocol import Finished, Usage
-from tests.serving import CHAT, REPO, free_port, serve_app
+from tests.serving import CHAT, REPO, free_port, health_detail, serve_app
 
 DASHBOARD = REPO / "configs" / "grafana" / "awq-serve.json"
 PRICE = 2.0  # $/GPU-hour configured for the served model
@@ -271,10 +276,14 @@ def test_every_dashboard_metric_appears_in_a_scrape(router_samples, replica_samp
 def test_health_reports_readiness_replicas_and_queue_depth(app, traffic) -> None:
     r = httpx.get(app.url + "/health", timeout=30)
     assert r.status_code == 200, r.text
-    model = r.json()["models"][CHAT]
-    assert model["ready"] is True and model["healthy"] is True
-    assert model["replicas"] == 1
-    assert (model["running"], model["waiting"]) == (0, 0)
+    assert r.json()["models"][CHAT] == {"ready": True, "replicas": 1}
+
+    model = health_detail(
+        lambda: httpx.get(app.url + "/health?detail=1", timeout=30).json(),
+        CHAT,
+        until=lambda m: (m.get("running"), m.get("waiting")) == (0, 0),
+    )
+    assert model["ready"] is True and model["healthy"] is True and model["replicas"] == 1
 
 
 def test_json_logs_carry_the_request_id_from_router_to_replica(app, traffic) -> None:
@@ -351,16 +360,70 @@ def test_router_cost_gauge_uses_the_window_throughput() -> None:
     assert m.cost_per_request.labels("b")._value.get() == pytest.approx(per_million * 100 / 1e6)
 
 
-def test_health_is_503_while_a_model_has_no_ready_replica() -> None:
-    ready = {"healthy": True, "running": 1, "waiting": 0}
-    status, body = health_report({"a": ready, "b": {"healthy": False, "error": "TimeoutError"}},
-                                 {"a": 1, "b": None})  # fmt: skip
-    assert status == 503 and body["not_ready"] == ["b"]
-    assert body["models"]["a"]["ready"] is True and body["models"]["a"]["running"] == 1
-    status, body = health_report({"a": ready}, {"a": 0})  # Serve says none is running
-    assert status == 503 and body["status"] == "unavailable"
-    status, body = health_report({"a": ready}, {"a": None})  # count unknown: trust the replica
-    assert status == 200 and body["status"] == "ok"
+def test_health_is_503_while_a_model_has_no_running_replica() -> None:
+    status, body = health_report({"a": ModelState(1, "HEALTHY"), "b": ModelState(0, "UNHEALTHY")})
+    assert status == 503 and body["not_ready"] == ["b"] and body["status"] == "unavailable"
+    assert body["models"]["a"] == {"ready": True, "replicas": 1}  # the public body: no details
+    status, body = health_report({"a": ModelState(None)})  # count unknown: not a reason for 503
+    assert status == 200 and body["status"] == "ok" and body["models"]["a"]["ready"] is True
+
+
+def test_health_detail_merges_the_replicas_last_info_but_never_decides_readiness() -> None:
+    busy = {"healthy": False, "error": "TimeoutError", "source": "m:v1"}  # info() timed out
+    status, body = health_report({"a": ModelState(2, "HEALTHY")}, {"a": busy})
+    assert status == 200
+    model = body["models"]["a"]
+    assert model["ready"] is True and model["replicas"] == 2
+    assert model["source"] == "m:v1" and model["deployment_status"] == "HEALTHY"
+
+
+def test_health_monitor_rereads_the_controller_only_for_a_503_from_an_old_snapshot() -> None:
+    now = [100.0]
+    monitor = HealthMonitor({}, clock=lambda: now[0])
+    assert monitor._stale_refusal()  # nothing read yet
+    monitor.states, monitor._states_at = {"a": ModelState(0)}, now[0]
+    assert not monitor._stale_refusal()  # a fresh 503 stands
+    now[0] += 1.0
+    assert monitor._stale_refusal()  # an old one is confirmed first
+    monitor.states = {"a": ModelState(1)}
+    assert not monitor._stale_refusal()  # a 200 is answered from the snapshot, however old
+
+
+def test_controller_states_count_running_replicas_per_model_deployment() -> None:
+    from ray.serve.handle import DeploymentHandle
+    from ray.serve.schema import (
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentStatus,
+        DeploymentStatusOverview,
+        DeploymentStatusTrigger,
+        ServeStatus,
+    )
+
+    def deployment(status: DeploymentStatus, **replicas: int) -> DeploymentStatusOverview:
+        return DeploymentStatusOverview(
+            status, DeploymentStatusTrigger.UNSPECIFIED, dict(replicas), ""
+        )
+
+    app = ApplicationStatusOverview(
+        ApplicationStatus.DEPLOYING,
+        "",
+        0.0,
+        {
+            "ModelServer-a": deployment(DeploymentStatus.HEALTHY, RUNNING=2, STARTING=1),
+            "ModelServer-b": deployment(DeploymentStatus.UNHEALTHY, STARTING=1),
+        },
+    )
+    handles = {
+        name: DeploymentHandle(f"ModelServer-{name}", "awq-serve") for name in ("a", "b", "c")
+    }
+    states = controller_states(ServeStatus(applications={"awq-serve": app}), handles)
+    assert states == {
+        "a": ModelState(2, "HEALTHY"),
+        "b": ModelState(0, "UNHEALTHY"),
+        "c": ModelState(0, None),  # not deployed: nothing serves it
+    }
+    assert health_report(states)[1]["not_ready"] == ["b", "c"]
 
 
 def test_log_lines_are_json_with_request_id_and_respect_the_level(

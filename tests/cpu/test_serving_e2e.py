@@ -10,7 +10,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from tests.serving import CHAT, serve_app
+from tests.serving import CHAT, health_detail, serve_app
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
@@ -159,7 +159,8 @@ def test_prompt_longer_than_context_gets_400_with_the_numbers(base_url) -> None:
 def test_health_models_and_metrics_endpoints(base_url) -> None:
     health = httpx.get(base_url + "/health", timeout=30)
     assert health.status_code == 200
-    assert health.json()["models"][CHAT]["healthy"] is True
+    assert health.json()["models"][CHAT]["ready"] is True
+    health_detail(lambda: httpx.get(base_url + "/health?detail=1", timeout=30).json(), CHAT)
     models = httpx.get(base_url + "/v1/models", timeout=30).json()
     assert [m["id"] for m in models["data"]] == [CHAT]
     metrics = httpx.get(base_url + "/metrics", timeout=30).text
