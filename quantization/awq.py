@@ -97,19 +97,24 @@ def search_awq(
     check_group_size(recipe.q_group_size, linear_in_features(model.model), fp_dir.name)
     with scale_search_sequences(recipe.calibration.scale_search_sequences), \
             record_search(model.model) as found:  # fmt: skip
-        model.quantize(
-            tokenizer,
-            quant_config=recipe.autoawq_config(),
-            calib_data=calib_blocks.tolist(),
-            max_calib_samples=calib_blocks.shape[0],
-            max_calib_seq_len=calib_blocks.shape[1],
-            apply_clip=recipe.apply_clip,
-            duo_scaling=recipe.duo_scaling,
-            export_compatible=True,  # search and apply only; packing is `apply_and_pack`
-        )
+        # export_compatible: search and apply only; packing is `apply_and_pack`.
+        model.quantize(**quantize_kwargs(tokenizer, recipe, calib_blocks), export_compatible=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(found, out_dir / SEARCH_FILE)
     return AwqResult(out_dir, time.perf_counter() - start, device)
+
+
+def quantize_kwargs(tokenizer, recipe: QuantRecipe, calib_blocks: torch.Tensor) -> dict:
+    """AutoAWQ `quantize` arguments for `recipe` on the calibration blocks (n_blocks, seq_len)."""
+    return {
+        "tokenizer": tokenizer,
+        "quant_config": recipe.autoawq_config(),
+        "calib_data": calib_blocks.tolist(),
+        "max_calib_samples": calib_blocks.shape[0],
+        "max_calib_seq_len": calib_blocks.shape[1],
+        "apply_clip": recipe.apply_clip,
+        "duo_scaling": recipe.duo_scaling,
+    }
 
 
 def load_search(path: Path) -> dict[str, list]:

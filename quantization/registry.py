@@ -13,7 +13,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ MANIFEST = "manifest.json"
 STAGING = ".staging"
 LOCK = ".lock"
 HIGH_WATER = ".last-version"  # highest version number ever allocated for the name
+# Inside a reserved version folder until its publish renames onto it: who reserved it (`owner`).
+RESERVED_BY = ".reserved-by-"
 STALE_STAGING_S = 24 * 3600.0
 DEFAULT_ROOT = Path("models")
 
@@ -117,6 +119,36 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _is_reservation(folder: Path) -> bool:
+    """An existing version folder that holds nothing but owner tags (or nothing at all)."""
+    try:
+        return folder.is_dir() and all(p.name.startswith(RESERVED_BY) for p in folder.iterdir())
+    except FileNotFoundError:  # swept or published meanwhile
+        return False
+
+
+def _release(reservation: Path) -> None:
+    for tag in reservation.glob(f"{RESERVED_BY}*"):
+        shutil.rmtree(tag, ignore_errors=True)
+
+
+def sweep_dead_reservations(name_folder: Path) -> list[Path]:
+    """Remove version folders reserved by a publish that died before its rename: their owner
+    process on this host is gone, or the tag is older than `STALE_STAGING_S`. Call under the
+    name's lock. The numbers stay used (the high-water mark has them)."""
+    removed = []
+    for folder in name_folder.iterdir():
+        if folder.name.startswith(".") or not _is_reservation(folder):
+            continue
+        sweep_dead(folder, RESERVED_BY, max_age_s=STALE_STAGING_S)
+        try:
+            folder.rmdir()  # only when no live owner's tag is left
+        except OSError:
+            continue
+        removed.append(folder)
+    return removed
+
+
 def _number(version: str) -> int:
     """The allocation number of a version folder (`w4-g64-3` -> 3, `2` -> 2), else 0."""
     tail = version.rsplit("-", 1)[-1]
@@ -154,12 +186,14 @@ class Registry:
 
         Under an exclusive lock on the name's folder: concurrent publishers get different
         numbers, and the high-water mark on disk keeps numbers monotonic after a version is
-        deleted. The reservation is an empty folder (readers skip folders without a manifest);
-        `publish` renames the staged folder onto it.
+        deleted. The reservation is a folder holding only its owner's tag (readers skip folders
+        without a manifest); `publish` renames the staged folder onto it. Reservations whose owner
+        was killed before publishing are swept here, by the next allocation.
         """
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
         with _locked(folder / LOCK):
+            sweep_dead_reservations(folder)
             mark = folder / HIGH_WATER
             last = int(mark.read_text()) if mark.is_file() else 0
             used = [_number(p.name) for p in folder.iterdir() if p.is_dir()]
@@ -167,15 +201,16 @@ class Registry:
             _write_durably(mark, str(number))
             version = f"{prefix}-{number}" if prefix else str(number)
             (folder / version).mkdir()  # exclusive: fails loudly rather than share a version
+            owned_temp_dir(folder / version, RESERVED_BY)
         return version
 
     def publish(self, staged: Path, manifest: Manifest, replace: bool = False) -> Path:
         """Hash the staged files, write the manifest, fsync, and rename the folder into place.
 
-        The target may be absent or the empty folder `allocate_version` reserved.
+        The target may be absent or the folder `allocate_version` reserved.
         """
         target = self.path(manifest.name, manifest.version)
-        reserved = target.is_dir() and not any(target.iterdir())
+        reserved = _is_reservation(target)
         if target.exists() and not reserved and not replace:
             raise RegistryError(f"{manifest.name}:{manifest.version} is already published")
         manifest = manifest.model_copy(update={"files": hash_tree(staged)})
@@ -189,6 +224,9 @@ class Registry:
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(target, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        if reserved:
+            # Untagged, the empty folder may be swept before the rename; the rename then makes it.
+            _release(target)
         os.replace(staged, target)  # onto an empty reserved folder: POSIX rename allows it
         _fsync_dir(target.parent)
         return target
@@ -200,8 +238,10 @@ class Registry:
             return self.publish(staged, manifest.model_copy(update={"version": version}))
         except BaseException:
             reservation = self.path(manifest.name, version)
-            if reservation.is_dir() and not any(reservation.iterdir()):
-                reservation.rmdir()  # the number stays used: the high-water mark has it
+            if _is_reservation(reservation):
+                _release(reservation)
+                with suppress(OSError):  # a sweep may have removed it since
+                    reservation.rmdir()  # the number stays used: the high-water mark has it
             raise
 
     def manifest(self, name: str, version: str) -> Manifest:

@@ -149,16 +149,22 @@ def prepare_source(source: str, out: Path) -> dict:
     return {"source": source}
 
 
-def run_search(fp_dir: Path, recipe: QuantRecipe, out: Path) -> dict:
-    """Step 2a: calibrate and search AWQ scales and clips; writes them into `out`."""
+def calibration_blocks(fp_dir: Path, recipe: QuantRecipe) -> Any:
+    """The recipe's calibration blocks (n_samples, seq_len), tokenised for `fp_dir`."""
     from transformers import AutoTokenizer
 
-    from quantization.awq import search_awq
     from quantization.calibration import build_blocks, source_from_spec
 
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     cal = recipe.calibration
-    blocks = build_blocks(source_from_spec(cal.source), tokenizer, cal.n_samples, cal.seq_len)
+    return build_blocks(source_from_spec(cal.source), tokenizer, cal.n_samples, cal.seq_len)
+
+
+def run_search(fp_dir: Path, recipe: QuantRecipe, out: Path) -> dict:
+    """Step 2a: calibrate and search AWQ scales and clips; writes them into `out`."""
+    from quantization.awq import search_awq
+
+    blocks = calibration_blocks(fp_dir, recipe)
     result = search_awq(fp_dir, out, recipe, blocks)
     return {"seconds": result.seconds, "device": result.device, "calib_tokens": blocks.numel()}
 

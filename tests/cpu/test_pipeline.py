@@ -297,6 +297,26 @@ def test_job_failing_its_gate_is_not_published_and_cli_exits_1(
     assert _leftovers(registry) == []
 
 
+def test_w3_job_says_evaluated_not_published_in_cli_and_report_and_publishes_nothing(
+    first_run: FirstRun,
+    registry: Registry,
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    recipe = _recipe_file(tmp_path, tiny_recipe(name="tiny-w3", w_bit=3))
+    rc = _cli(registry, "quantize", str(tiny_llama_dir), "--recipe", recipe, "--name", "tiny-w3")
+    out = capsys.readouterr().out
+    assert rc == 0
+    outcome = "evaluated, not published: recipe tiny-w3 is evaluate-only"
+    assert f"\ntiny-w3: {outcome}" in out, out
+    assert f"Outcome: {outcome}" in out
+    assert "Loads in: none." in out
+    assert "served-path check = not measured" in out and "evaluate-only recipe" in out
+    assert not (registry.root / "tiny-w3").exists()
+    assert _leftovers(registry) == []
+
+
 def test_list_prints_a_row_for_the_published_version_with_its_size(
     first_run: FirstRun, registry: Registry, capsys: pytest.CaptureFixture[str]
 ) -> None:

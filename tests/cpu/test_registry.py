@@ -263,6 +263,38 @@ def test_a_killed_jobs_staging_is_swept_by_the_next_run(registry: Registry) -> N
     assert recent_foreign.exists(), "another host's live staging is left alone"
 
 
+def test_a_killed_publishs_reserved_version_is_swept_and_its_number_not_reused(
+    registry: Registry,
+) -> None:
+    code = (
+        "import os, sys\n"
+        "from quantization.registry import Registry\n"
+        "print(Registry(sys.argv[1]).allocate_version('tiny', 'w4'), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"  # killed between reserving and renaming onto it
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(registry.root)], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert killed.returncode == -9 and killed.stdout.strip() == "w4-1"
+    assert registry.path("tiny", "w4-1").is_dir()
+    live = registry.allocate_version("tiny", "w4")  # this process's reservation: kept
+
+    with registry.staging("tiny") as staged:
+        (staged / "config.json").write_bytes(FILES["config.json"])
+        manifest = Manifest(name="tiny", version="-", source_model="org/tiny")
+        published = registry.publish_next(staged, manifest, "w4").name
+
+    assert (live, published) == ("w4-2", "w4-3")
+    folders = sorted(p.name for p in (registry.root / "tiny").iterdir() if p.is_dir())
+    assert folders == ["w4-2", "w4-3"], "the dead reservation is gone, the live one kept"
+    assert registry.versions("tiny") == ["w4-3"]
+    with registry.staging("tiny") as staged:  # the live reservation can still be published
+        (staged / "config.json").write_bytes(FILES["config.json"])
+        registry.publish(staged, Manifest(name="tiny", version=live, source_model="org/tiny"))
+    assert sorted(registry.versions("tiny")) == ["w4-2", "w4-3"]
+    assert list(registry.path("tiny", live).glob(".reserved-by-*")) == []
+    registry.verify("tiny", live)
+
+
 def test_publish_records_provenance_fields(registry: Registry) -> None:
     _publish(registry, source_revision="folder-sha256:abc", project_version="0.1.0+def")
     manifest = registry.manifest("tiny", "1")
