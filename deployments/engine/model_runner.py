@@ -255,19 +255,24 @@ class DecodeGroup:
 
     rows: torch.Tensor  # (count,) batch rows (= KV slots) of the group
     keys: int
-    mask: torch.Tensor  # (count, 1, 1, keys) True where a key is visible
+    mask: torch.Tensor  # (count, 1, 1, keys) 0 where a key is visible, -inf elsewhere
 
 
 def decode_plan(
-    pos: torch.Tensor, order: torch.Tensor, groups: tuple[tuple[int, int], ...]
+    pos: torch.Tensor, order: torch.Tensor, groups: tuple[tuple[int, int], ...], dtype: torch.dtype
 ) -> list[DecodeGroup]:
     """A decode step's attention groups from device tensors alone (no host sync): pos (rows, 1),
-    order (rows,) the rows sorted by group, groups ((keys, count), ...) in that order."""
+    order (rows,) the rows sorted by group, groups ((keys, count), ...) in that order.
+
+    The masks are additive, made once a step: SDPA turns a boolean mask into exactly this with
+    one `where` per call, i.e. per layer."""
     plan, start = [], 0
     for keys, count in groups:
         rows = order[start : start + count]
         visible = torch.arange(keys, device=pos.device).view(1, 1, 1, keys)
-        plan.append(DecodeGroup(rows, keys, visible <= pos[rows].view(count, 1, 1, 1)))
+        visible = visible <= pos[rows].view(count, 1, 1, 1)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=pos.device)
+        plan.append(DecodeGroup(rows, keys, mask.masked_fill_(~visible, float("-inf"))))
         start += count
     return plan
 
@@ -295,7 +300,7 @@ class CapturedStep:
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         assert ids.data_ptr() == self.args[0].data_ptr(), "a captured step reads its own buffers"
         self.graph.replay()
-        return self.out
+        return self.out.clone()  # the next replay overwrites `out`
 
 
 def step_mode(requested: str, device: torch.device) -> str:
@@ -641,7 +646,7 @@ class ModelRunner:
         h = inner.embed_tokens(ids)  # (rows, 1, hidden)
         cos, sin = inner.rotary_emb(h, pos)
         index = self.cache.flat_index(self._slot_ids[:rows].view(rows, 1), pos)
-        plan = decode_plan(pos, order, groups)
+        plan = decode_plan(pos, order, groups, self.dtype)
         for i, layer in enumerate(inner.layers):
             attn_in = rms_norm(layer.input_layernorm, h)
             h = h + self._decode_attention(layer, i, attn_in, cos, sin, index, plan)
