@@ -29,8 +29,9 @@ def test_auto_captures_graphs_that_replay_the_eager_step_exactly() -> None:
     graphs = prefilled(4)  # 4 rows: a full bucket, so the same kernels as eager
     eager = prefilled(4, decode_step="eager")
     assert graphs.step_mode == "cuda_graph"
-    for step in range(4):  # the first call captures, the others replay with new inputs
-        torch.testing.assert_close(graphs.decode(tokens(4)), eager.decode(tokens(4)), atol=0, rtol=0)
+    for _ in range(4):  # the first call captures, the others replay with new inputs
+        got, want = graphs.decode(tokens(4)), eager.decode(tokens(4))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert all(isinstance(g, CapturedStep) for g in graphs._graphs.values())
     assert len(graphs._graphs) >= 1
     assert graphs.cache.lengths == eager.cache.lengths
