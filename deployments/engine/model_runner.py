@@ -415,8 +415,24 @@ class ModelRunner:
         at: StepLayout,
         index: torch.Tensor,
     ) -> torch.Tensor:
+        b, s, _ = h.shape
+        q, kc, vc = self._project_and_cache(layer, i, h, (cos, sin), index)
+        out = self._cached_attention(q.transpose(1, 2).reshape(b * s, self.n_heads, -1), kc, vc, at)
+        return self.o_proj[i](out.view(b, s, -1))[0]
+
+    def _project_and_cache(
+        self,
+        layer: nn.Module,
+        i: int,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (b, heads, s, head_dim) with rope, and layer i's K/V cache with the new keys and
+        values written at `index`."""
         attn = layer.self_attn
         b, s, _ = h.shape
+        cos, sin = rope
         q, k, v = self.qkv[i](h)
         q = q.view(b, s, self.n_heads, self.head_dim)
         k = k.view(b, s, self.kv_heads, self.head_dim)
@@ -428,8 +444,7 @@ class ModelRunner:
         kc, vc = self.cache.k[i], self.cache.v[i]
         self.cache.write(kc, index, k)
         self.cache.write(vc, index, v)
-        out = self._cached_attention(q.transpose(1, 2).reshape(b * s, self.n_heads, -1), kc, vc, at)
-        return self.o_proj[i](out.view(b, s, -1))[0]
+        return q, kc, vc
 
     def _cached_attention(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, at: StepLayout
@@ -603,7 +618,7 @@ class ModelRunner:
         if self.step_mode == "eager":
             return step
         if self.step_mode == "compile":
-            return partial(self._compiled_decode_step, groups=groups)
+            return partial(self._decode_step, groups=groups, compiled=True)
         graph = self._graphs.get((rows, groups))
         if graph is None:
             graph = self._graphs[(rows, groups)] = CapturedStep(step, self._decode_buffers(rows))
@@ -615,23 +630,17 @@ class ModelRunner:
         pos: torch.Tensor,
         order: torch.Tensor,
         groups: tuple[tuple[int, int], ...],
+        compiled: bool = False,
     ) -> torch.Tensor:
         """ids, pos: (rows, 1), row i in slot i; order: (rows,) rows by group. Returns float32
         logits (rows, vocab). Static shapes for a given (rows, groups), no host synchronisation
-        and no data-dependent Python: capture-ready."""
-        return self._logits(self._decode_hidden(ids, pos, order, groups))
+        and no data-dependent Python: capture-ready.
 
-    def _compiled_decode_step(
-        self,
-        ids: torch.Tensor,
-        pos: torch.Tensor,
-        order: torch.Tensor,
-        groups: tuple[tuple[int, int], ...],
-    ) -> torch.Tensor:
-        """`_decode_step` with the decoder compiled: the CPU lm_head's prepacked oneDNN weight is
-        opaque to inductor (it lowers that op only for weights it froze itself), and one call
-        is no host overhead."""
-        return self._logits(self._compiled_hidden(ids, pos, order, groups))
+        `compiled` runs the decoder compiled and the head eagerly: the CPU lm_head's prepacked
+        oneDNN weight is opaque to inductor (it lowers that op only for weights it froze itself),
+        and one call is no host overhead."""
+        hidden = self._compiled_hidden if compiled else self._decode_hidden
+        return self._logits(hidden(ids, pos, order, groups))
 
     def _decode_hidden(
         self,
@@ -644,12 +653,12 @@ class ModelRunner:
         inner = self.model.model
         rows = ids.shape[0]
         h = inner.embed_tokens(ids)  # (rows, 1, hidden)
-        cos, sin = inner.rotary_emb(h, pos)
+        rope = inner.rotary_emb(h, pos)  # cos, sin: (rows, 1, head_dim)
         index = self.cache.flat_index(self._slot_ids[:rows].view(rows, 1), pos)
         plan = decode_plan(pos, order, groups, self.dtype)
         for i, layer in enumerate(inner.layers):
             attn_in = rms_norm(layer.input_layernorm, h)
-            h = h + self._decode_attention(layer, i, attn_in, cos, sin, index, plan)
+            h = h + self._decode_attention(layer, i, attn_in, rope, index, plan)
             h = h + self._mlp(layer, i, rms_norm(layer.post_attention_layernorm, h))
         return rms_norm(inner.norm, h.view(rows, -1))
 
@@ -658,25 +667,13 @@ class ModelRunner:
         layer: nn.Module,
         i: int,
         h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         index: torch.Tensor,
         plan: list[DecodeGroup],
     ) -> torch.Tensor:
         """`_attention` for one new token a row: h (rows, 1, hidden)."""
-        attn = layer.self_attn
         rows = h.shape[0]
-        q, k, v = self.qkv[i](h)
-        q = q.view(rows, 1, self.n_heads, self.head_dim)
-        k = k.view(rows, 1, self.kv_heads, self.head_dim)
-        v = v.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.arch.qk_norm:
-            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (rows, heads, 1, head_dim)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (rows, kv_heads, 1, head_dim)
-        kc, vc = self.cache.k[i], self.cache.v[i]
-        self.cache.write(kc, index, k)
-        self.cache.write(vc, index, v)
+        q, kc, vc = self._project_and_cache(layer, i, h, rope, index)  # q: (rows, heads, 1, hd)
         gqa = self.kv_heads != self.n_heads
         if len(plan) == 1:  # every row reads the same keys: slots 0..rows-1 as they are
             g = plan[0]

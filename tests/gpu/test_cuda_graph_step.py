@@ -7,22 +7,15 @@ import torch
 
 from benchmarks.step_overhead import hollow_llama
 from deployments.engine.model_runner import CapturedStep, ModelRunner
-
-VOCAB = 256
-LENGTHS = [5, 130, 127, 128, 3, 260, 40, 1]
+from tests.cpu import test_decode_step as cpu
 
 
 def prefilled(n: int, **kw: object) -> ModelRunner:
-    torch.manual_seed(0)
-    model = hollow_llama(layers=2, vocab=VOCAB).to("cuda")
-    runner = ModelRunner(model, max_slots=8, max_len=512, **kw)
-    prompts = [[(3 * i + j) % VOCAB for j in range(length)] for i, length in enumerate(LENGTHS)]
-    runner.prefill(0, prompts[:n])
-    return runner
+    return cpu.prefilled(hollow_llama(layers=2, vocab=cpu.VOCAB).to("cuda"), n, **kw)
 
 
 def tokens(n: int) -> list[int]:
-    return [(11 * i + 5) % VOCAB for i in range(n)]
+    return cpu.tokens(n)
 
 
 def test_auto_captures_graphs_that_replay_the_eager_step_exactly() -> None:
@@ -42,7 +35,7 @@ def test_a_padded_bucket_gives_the_real_rows_eager_tokens() -> None:
     eager = prefilled(3, decode_step="eager")
     for _ in range(3):
         got, want = graphs.decode(tokens(3)), eager.decode(tokens(3))
-        assert got.shape == want.shape == (3, VOCAB)
+        assert got.shape == want.shape == (3, cpu.VOCAB)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert {rows for rows, _ in graphs._graphs} == {4}
