@@ -249,6 +249,73 @@ def plan_attention(
     return groups
 
 
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows that read the same number of cached keys, attended in one SDPA call."""
+
+    rows: torch.Tensor  # (count,) batch rows (= KV slots) of the group
+    keys: int
+    mask: torch.Tensor  # (count, 1, 1, keys) 0 where a key is visible, -inf elsewhere
+
+
+def decode_plan(
+    pos: torch.Tensor, order: torch.Tensor, groups: tuple[tuple[int, int], ...], dtype: torch.dtype
+) -> list[DecodeGroup]:
+    """A decode step's attention groups from device tensors alone (no host sync): pos (rows, 1),
+    order (rows,) the rows sorted by group, groups ((keys, count), ...) in that order.
+
+    The masks are additive, made once a step: SDPA turns a boolean mask into exactly this with
+    one `where` per call, i.e. per layer."""
+    plan, start = [], 0
+    for keys, count in groups:
+        rows = order[start : start + count]
+        visible = torch.arange(keys, device=pos.device).view(1, 1, 1, keys)
+        visible = visible <= pos[rows].view(count, 1, 1, 1)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=pos.device)
+        plan.append(DecodeGroup(rows, keys, mask.masked_fill_(~visible, float("-inf"))))
+        start += count
+    return plan
+
+
+class CapturedStep:
+    """A decode step captured as one CUDA graph over its bucket's preallocated buffers: the host
+    issues one launch a step instead of ~30 layers of small kernels (vLLM and TensorRT-LLM do
+    the same). Called with those same buffers, freshly filled."""
+
+    def __init__(
+        self, step: Callable[..., torch.Tensor], buffers: torch.Tensor, warmup: int = 2
+    ) -> None:
+        rows = buffers.shape[1]
+        self.args = (buffers[0].view(rows, 1), buffers[1].view(rows, 1), buffers[2])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture: lazy inits, autotuning
+            for _ in range(warmup):
+                step(*self.args)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step(*self.args)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        assert ids.data_ptr() == self.args[0].data_ptr(), "a captured step reads its own buffers"
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites `out`
+
+
+def step_mode(requested: str, device: torch.device) -> str:
+    """How decode steps run: `eager`; `compile` (torch.compile, fullgraph, one graph per batch
+    bucket and key layout); `cuda_graph` (captured per bucket). `auto` captures on CUDA and runs
+    eager on CPU (see the README's step-overhead figures for why)."""
+    if requested == "auto":
+        return "cuda_graph" if device.type == "cuda" else "eager"
+    if requested == "cuda_graph" and device.type != "cuda":
+        raise ValueError("decode_step 'cuda_graph' needs a CUDA device")
+    if requested not in ("eager", "compile", "cuda_graph"):
+        raise ValueError(f"decode_step must be auto, eager, compile or cuda_graph: {requested!r}")
+    return requested
+
+
 class ModelRunner:
     """Prefill one sequence into a slot; decode one token for slots 0..n-1 at once."""
 
@@ -261,6 +328,7 @@ class ModelRunner:
         prefix_cache_mb: float = 0,
         prefix_block_tokens: int = 16,
         batch_invariant: bool = True,
+        decode_step: str = "auto",
     ) -> None:
         cfg = model.config
         arch = ARCHITECTURES.get(cfg.model_type)
@@ -301,6 +369,15 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
+        self.step_mode = step_mode(decode_step, self.device)
+        self._slot_ids = torch.arange(max_slots, device=self.device)
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._graphs: dict[tuple[int, tuple[tuple[int, int], ...]], CapturedStep] = {}
+        self._compiled_hidden = (
+            torch.compile(self._decode_hidden, fullgraph=True, dynamic=False)
+            if self.step_mode == "compile"
+            else self._decode_hidden
+        )
         block_bytes = self.cache.bytes_per_token * prefix_block_tokens
         self.prefix_cache = PrefixCache(
             prefix_block_tokens, max_blocks=int(prefix_cache_mb * 1e6 // block_bytes)
@@ -338,8 +415,24 @@ class ModelRunner:
         at: StepLayout,
         index: torch.Tensor,
     ) -> torch.Tensor:
+        b, s, _ = h.shape
+        q, kc, vc = self._project_and_cache(layer, i, h, (cos, sin), index)
+        out = self._cached_attention(q.transpose(1, 2).reshape(b * s, self.n_heads, -1), kc, vc, at)
+        return self.o_proj[i](out.view(b, s, -1))[0]
+
+    def _project_and_cache(
+        self,
+        layer: nn.Module,
+        i: int,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (b, heads, s, head_dim) with rope, and layer i's K/V cache with the new keys and
+        values written at `index`."""
         attn = layer.self_attn
         b, s, _ = h.shape
+        cos, sin = rope
         q, k, v = self.qkv[i](h)
         q = q.view(b, s, self.n_heads, self.head_dim)
         k = k.view(b, s, self.kv_heads, self.head_dim)
@@ -351,8 +444,7 @@ class ModelRunner:
         kc, vc = self.cache.k[i], self.cache.v[i]
         self.cache.write(kc, index, k)
         self.cache.write(vc, index, v)
-        out = self._cached_attention(q.transpose(1, 2).reshape(b * s, self.n_heads, -1), kc, vc, at)
-        return self.o_proj[i](out.view(b, s, -1))[0]
+        return q, kc, vc
 
     def _cached_attention(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, at: StepLayout
@@ -459,10 +551,141 @@ class ModelRunner:
         return self._forward(torch.tensor([ids], device=dev), at)
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
-        """One step for slots 0..len(tokens)-1, each fed its last token. Returns (n, vocab)."""
+        """One step for slots 0..len(tokens)-1, each fed its last token. Returns (n, vocab).
+
+        Host work is done here, once a step: the inputs go into the bucket's preallocated
+        buffers in one copy, and the step itself (`_decode_step`) is a function of those buffers
+        and a static signature, so it can be compiled or captured as a whole."""
         n = len(tokens)
         positions = self.cache.lengths[:n]
-        logits = self._forward_tokens(tokens, list(range(n)), positions, 1, list(range(n)))
+        rows = self._decode_bucket(n)
+        groups, order = self._decode_groups(positions, rows)
+        pad = [0] * (rows - n)
+        buf = self._decode_buffers(rows)
+        buf.copy_(torch.tensor([tokens + pad, positions + pad, order]))
+        # inference_mode is cheaper per op, but torch.compile refuses its tensors as inputs.
+        grad_off = torch.no_grad if self.step_mode == "compile" else torch.inference_mode
+        with grad_off():
+            step = self._step_fn(rows, groups)
+            logits = step(buf[0].view(rows, 1), buf[1].view(rows, 1), buf[2])
         for i in range(n):
             self.cache.lengths[i] += 1
-        return logits
+        return logits[:n]
+
+    def _decode_bucket(self, n: int) -> int:
+        """Rows a step of n sequences runs with: n when eager; the next power of two (at most
+        the slot count) when the step is compiled or captured, so a handful of static shapes
+        serve every batch size. Padding rows use free slots n.. (their KV is overwritten by the
+        next prefill there)."""
+        if self.step_mode == "eager":
+            return n
+        return min(1 << (n - 1).bit_length(), self.slots)
+
+    def _decode_groups(
+        self, positions: list[int], rows: int
+    ) -> tuple[tuple[tuple[int, int], ...], list[int]]:
+        """Rows grouped by the keys they read: ((keys, count), ...) and the rows in group order.
+
+        The same key buckets as `plan_attention` with one-row tiles, so a decoded token's
+        attention is the call it would get alone; without batch invariance every row reads the
+        furthest one's keys (rounded up to a bucket when the step is compiled or captured, so
+        its shape stays static)."""
+        if self.batch_invariant:
+            keys = [key_bucket(p + 1, self.max_len) for p in positions]
+        elif self.step_mode == "eager":  # exactly the keys needed, as `plan_attention` reads
+            keys = [max(positions) + 1] * len(positions)
+        else:
+            keys = [key_bucket(max(positions) + 1, self.max_len)] * len(positions)
+        keys += [keys[0]] * (rows - len(positions))  # padding rows (position 0) join row 0
+        order = sorted(range(rows), key=keys.__getitem__)
+        counts: dict[int, int] = {}
+        for i in order:
+            counts[keys[i]] = counts.get(keys[i], 0) + 1
+        return tuple(counts.items()), order
+
+    def _decode_buffers(self, rows: int) -> torch.Tensor:
+        """(3, rows) int64 on the device: token ids, positions, row order of the groups."""
+        buf = self._buffers.get(rows)
+        if buf is None:
+            buf = self._buffers[rows] = torch.zeros(3, rows, dtype=torch.long, device=self.device)
+        return buf
+
+    def _step_fn(
+        self, rows: int, groups: tuple[tuple[int, int], ...]
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The step for one static signature: eager, compiled, or a captured CUDA graph."""
+        step = partial(self._decode_step, groups=groups)
+        if self.step_mode == "eager":
+            return step
+        if self.step_mode == "compile":
+            return partial(self._decode_step, groups=groups, compiled=True)
+        graph = self._graphs.get((rows, groups))
+        if graph is None:
+            graph = self._graphs[(rows, groups)] = CapturedStep(step, self._decode_buffers(rows))
+        return graph
+
+    def _decode_step(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        order: torch.Tensor,
+        groups: tuple[tuple[int, int], ...],
+        compiled: bool = False,
+    ) -> torch.Tensor:
+        """ids, pos: (rows, 1), row i in slot i; order: (rows,) rows by group. Returns float32
+        logits (rows, vocab). Static shapes for a given (rows, groups), no host synchronisation
+        and no data-dependent Python: capture-ready.
+
+        `compiled` runs the decoder compiled and the head eagerly: the CPU lm_head's prepacked
+        oneDNN weight is opaque to inductor (it lowers that op only for weights it froze itself),
+        and one call is no host overhead."""
+        hidden = self._compiled_hidden if compiled else self._decode_hidden
+        return self._logits(hidden(ids, pos, order, groups))
+
+    def _decode_hidden(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        order: torch.Tensor,
+        groups: tuple[tuple[int, int], ...],
+    ) -> torch.Tensor:
+        """The decoder of `_decode_step`: final normed hidden states (rows, hidden)."""
+        inner = self.model.model
+        rows = ids.shape[0]
+        h = inner.embed_tokens(ids)  # (rows, 1, hidden)
+        rope = inner.rotary_emb(h, pos)  # cos, sin: (rows, 1, head_dim)
+        index = self.cache.flat_index(self._slot_ids[:rows].view(rows, 1), pos)
+        plan = decode_plan(pos, order, groups, self.dtype)
+        for i, layer in enumerate(inner.layers):
+            attn_in = rms_norm(layer.input_layernorm, h)
+            h = h + self._decode_attention(layer, i, attn_in, rope, index, plan)
+            h = h + self._mlp(layer, i, rms_norm(layer.post_attention_layernorm, h))
+        return rms_norm(inner.norm, h.view(rows, -1))
+
+    def _decode_attention(
+        self,
+        layer: nn.Module,
+        i: int,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        index: torch.Tensor,
+        plan: list[DecodeGroup],
+    ) -> torch.Tensor:
+        """`_attention` for one new token a row: h (rows, 1, hidden)."""
+        rows = h.shape[0]
+        q, kc, vc = self._project_and_cache(layer, i, h, rope, index)  # q: (rows, heads, 1, hd)
+        gqa = self.kv_heads != self.n_heads
+        if len(plan) == 1:  # every row reads the same keys: slots 0..rows-1 as they are
+            g = plan[0]
+            out = F.scaled_dot_product_attention(
+                q, kc[:rows, :, : g.keys], vc[:rows, :, : g.keys], attn_mask=g.mask, enable_gqa=gqa
+            )
+        else:
+            out = torch.empty_like(q)
+            for g in plan:
+                kg, vg = kc[g.rows, :, : g.keys], vc[g.rows, :, : g.keys]
+                og = F.scaled_dot_product_attention(
+                    q[g.rows], kg, vg, attn_mask=g.mask, enable_gqa=gqa
+                )
+                out.index_copy_(0, g.rows, og)
+        return self.o_proj[i](out.transpose(1, 2).reshape(rows, 1, -1))[0]

@@ -65,6 +65,10 @@ class EngineConfig:
     prefix_cache_mb: float = 256.0
     # A greedy answer independent of batch-mates (fixed-shape attention and dense matmul calls).
     batch_invariant: bool = True
+    # How a decode step runs (ModelRunner `decode_step`): auto = a captured CUDA graph on CUDA,
+    # eager on CPU; `compile` (torch.compile, CPU or CUDA) compiles for ~70 s per batch bucket
+    # and key layout on 2 cores, so it is opt-in.
+    decode_step: str = "auto"
 
 
 EngineEvent = Delta | Finished | Failed
@@ -151,6 +155,7 @@ class Engine:
             cfg.lm_head_dtype,
             prefix_cache_mb=cfg.prefix_cache_mb,
             batch_invariant=cfg.batch_invariant,
+            decode_step=cfg.decode_step,
         )
         self.max_model_len = self.runner.max_len
         self.hardware = {
