@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import CHAT, serve_app
+from tests.serving import CHAT, health_detail, serve_app
 from tests.streams import open_stream, wait_all, wait_until
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
@@ -32,8 +32,10 @@ def base_url(registry_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def replica_pid(base_url: str) -> int:
-    body = httpx.get(base_url + "/health", timeout=30).json()
-    return body["models"][CHAT]["pid"]
+    def fetch() -> dict:
+        return httpx.get(base_url + "/health?detail=1", timeout=30).json()
+
+    return health_detail(fetch, CHAT, lambda m: m.get("pid") is not None)["pid"]
 
 
 def answers(base_url: str) -> bool:
