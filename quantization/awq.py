@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from quantization.autoawq_patches import record_search, scale_search_sequences
+from quantization.compute import compute_dtype, pick_device
 from quantization.quant_math import check_group_size
 from quantization.recipes import QuantRecipe
 
@@ -30,10 +31,6 @@ class AwqResult:
     out_dir: Path
     seconds: float
     device: str
-
-
-def compute_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def supported_model_types() -> list[str]:
@@ -89,7 +86,7 @@ def search_awq(
     from transformers import AutoTokenizer
 
     check_supported(fp_dir)
-    device = compute_device()
+    device = pick_device().type
     dtype = torch.float16 if device == "cuda" else torch.float32
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
@@ -133,7 +130,7 @@ def apply_and_pack(
     from awq.quantize.scale import apply_clip, apply_scale
     from transformers import AutoTokenizer
 
-    dtype = torch.float16 if compute_device() == "cuda" else torch.float32
+    dtype = compute_dtype(pick_device())
     model = _load_fp(fp_dir, dtype)
     apply_scale(model.model, search["scale"])
     apply_clip(model.model, search["clip"])

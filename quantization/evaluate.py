@@ -1,7 +1,8 @@
 """Quality of a quantized model against its FP16 source on held-out text.
 
-Perplexity alone can hide a broken chat model (a few flipped argmaxes barely move it), so each candidate is also compared token
-by token with the reference: KL divergence of the next-token distributions and top-1 agreement.
+Perplexity alone can hide a broken chat model (a few flipped argmaxes barely move it), so each
+candidate is also compared token by token with the reference: KL divergence of the next-token
+distributions and top-1 agreement.
 """
 
 from __future__ import annotations

@@ -187,14 +187,14 @@ def held_out_blocks(fp_dir: Path, recipe: QuantRecipe) -> tuple[Any, dict]:
 
 def evaluate(fp_dir: Path, awq_dir: Path, recipe: QuantRecipe) -> dict:
     """Step 3: FP16 vs RTN vs AWQ on held-out text; sizes on disk (the gate is applied after)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
+    from quantization.compute import compute_dtype, pick_device
     from quantization.evaluate import compare_models, rtn_copy, weights_size_bytes
 
     blocks, held_out = held_out_blocks(fp_dir, recipe)
-    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device().type
+    dtype = compute_dtype(device)
     fp = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=dtype, device_map=device)
     rtn = rtn_copy(fp, recipe.w_bit, recipe.q_group_size, recipe.zero_point)
     awq = load_awq_for_eval(awq_dir, recipe, dtype, device)

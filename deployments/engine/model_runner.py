@@ -20,6 +20,7 @@ from torch import nn
 
 from deployments.engine.fused_projections import Projection, fuse_projections
 from deployments.engine.prefix_cache import PrefixCache
+from quantization.compute import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -42,20 +43,11 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
-def pick_device(requested: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without it is an error, not a fallback."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA device is visible")
-    return torch.device(requested)
-
-
 def load_model(model_dir: Path, device: torch.device) -> tuple[nn.Module, object]:
     """Load model and tokenizer; fp16 on GPU, fp32 on CPU (fp16 matmuls are slow on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, device_map=str(device), attn_implementation="sdpa"
     )

@@ -21,7 +21,7 @@ import torch
 
 from deployments.engine.hardware import cpu_features, kernel_paths
 from deployments.engine.interface import EngineStats
-from deployments.engine.model_runner import ModelRunner, load_model, pick_device
+from deployments.engine.model_runner import ModelRunner, load_model
 from deployments.engine.prompts import chat_prompt_ids, completion_prompt_ids
 from deployments.engine.sampling import make_generator, sample_next
 from deployments.engine.text_stream import TextStream
@@ -43,6 +43,7 @@ from deployments.protocol import (
     Timings,
     Usage,
 )
+from quantization.compute import pick_device
 
 log = logging.getLogger("awq_serve.engine")
 

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployments.engine import fused_projections, model_runner, prefix_cache, prompts
-from deployments.engine.model_runner import ModelRunner, load_model, pick_device
+from deployments.engine.model_runner import ModelRunner, load_model
 from deployments.engine.prompts import chat_prompt_ids
+from quantization.compute import pick_device
 from quantization.served import ChatAnswer, ChatProbe, ServedCheckResult
 
 log = logging.getLogger("awq_serve.served_check")
