@@ -56,19 +56,15 @@ def say(message: str) -> None:
 
 def drain_and_shut_down(config: dict[str, Any]) -> None:
     from ray import serve
-    from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
+
+    from deployments.serve_controller import deploy_apps
 
     schema = ServeDeploySchema.model_validate(draining_config(config))
     names = [app.name for app in schema.applications]
     try:
         say(f"draining (up to {DRAIN_TIMEOUT_S:.0f}s): new requests get 503")
-        client = _get_global_client()
-        client.deploy_apps(schema, _blocking=False)
-        for name in names:
-            client._wait_for_application_running(
-                name, timeout_s=DRAIN_TIMEOUT_S + REDEPLOY_MARGIN_S
-            )
+        deploy_apps(schema, wait_for=names, timeout_s=DRAIN_TIMEOUT_S + REDEPLOY_MARGIN_S)
         say("model replicas drained; stopping the applications")
         for name in names:
             serve.delete(name)  # waits for the router's replicas to finish their responses

@@ -78,13 +78,12 @@ def serve_app(
 
 def deploy_config(args: dict[str, Any], timeout_s: int = 600) -> None:
     """Deploy `args` as serve_config.yaml's application, and wait until it runs."""
-    from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
+    from deployments.serve_controller import deploy_apps
+
     app = {"name": APP, "route_prefix": "/", "import_path": "deployments.app:build_app"}
-    client = _get_global_client()
-    client.deploy_apps(ServeDeploySchema(applications=[{**app, "args": args}]))
-    client._wait_for_application_running(APP, timeout_s=timeout_s)
+    deploy_apps(ServeDeploySchema(applications=[{**app, "args": args}]), [APP], timeout_s)
 
 
 def health_detail(

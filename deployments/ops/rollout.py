@@ -265,15 +265,12 @@ class ServeApp:
     """
 
     def __init__(self, name: str) -> None:
-        from ray.serve.context import _get_global_client
-
         self.name = name
-        self.client = _get_global_client()
 
     def _details(self) -> Any:
-        from ray.serve.schema import ServeInstanceDetails
+        from deployments.serve_controller import serve_details
 
-        return ServeInstanceDetails(**self.client.get_serve_details())
+        return serve_details()
 
     def _config(self) -> dict[str, Any]:
         apps = self._details().applications
@@ -307,6 +304,8 @@ class ServeApp:
     def apply(self, splits: dict[str, TrafficSplit]) -> None:
         from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
+        from deployments.serve_controller import deploy_apps
+
         details = self._details()
         config = self._config()
         self._router(config)["user_config"] = RouterUserConfig(splits=splits).model_dump(
@@ -319,12 +318,13 @@ class ServeApp:
             for name, app in details.applications.items()
             if app.deployed_app_config is not None
         ]
-        self.client.deploy_apps(
-            ServeDeploySchema(applications=apps, target_capacity=details.target_capacity)
-        )
         # Serve marks the app DEPLOYING when it takes the config and RUNNING once every Router
         # replica has been reconfigured.
-        self.client._wait_for_application_running(self.name, timeout_s=DEPLOY_TIMEOUT_S)
+        deploy_apps(
+            ServeDeploySchema(applications=apps, target_capacity=details.target_capacity),
+            wait_for=[self.name],
+            timeout_s=DEPLOY_TIMEOUT_S,
+        )
 
     def url(self) -> str:
         """Where the proxy listens, from Serve's own http_options."""

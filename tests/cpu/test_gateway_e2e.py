@@ -333,10 +333,9 @@ def test_alias_splits_90_10_sticky_per_user_with_variant_in_header_and_audit(gw)
 
 
 def model_replicas() -> dict[str, list[str]]:
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeInstanceDetails
+    from deployments.serve_controller import serve_details
 
-    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    details = serve_details()
     deployments = details.applications[APP].deployments
     return {
         m: [r.replica_id for r in deployments[deployment_name(m)].replicas] for m in (AWQ, FP16)

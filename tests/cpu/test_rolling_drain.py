@@ -57,12 +57,13 @@ def served(registry_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def deploy(args: dict[str, Any], deployments: list[dict[str, Any]]) -> None:
     """Deploy the app config, without waiting (the streams are watched instead)."""
-    from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
+
+    from deployments.serve_controller import deploy_apps
 
     app = {"name": APP, "route_prefix": "/", "import_path": "deployments.app:build_app"}
     app |= {"args": args, "deployments": deployments}
-    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
+    deploy_apps(ServeDeploySchema(applications=[app]), wait_for=[], timeout_s=0)
 
 
 def replicas(deployment: str) -> dict[str, int]:
