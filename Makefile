@@ -25,8 +25,9 @@ $(REGISTRY)/smollm2-135m-instruct: | $(STAMP)
 demo: $(STAMP)
 	$(BIN)/awq-serve --registry $(REGISTRY) demo --force
 
+# `serve run` with a drain on Ctrl-C/SIGTERM: open streams finish before the process exits.
 serve: setup
-	$(BIN)/serve run serve_config.yaml
+	$(BIN)/python -m deployments.graceful_run serve_config.yaml
 
 test: setup
 	$(BIN)/python -m pytest tests/cpu -q
