@@ -338,6 +338,9 @@ class PublicPortSSHCommandRunner(SSHCommandRunner):
 class RunPodNodeProvider(NodeProvider):
     """Ray external node provider: one RunPod pod per Ray node, tags in the pod's env."""
 
+    # The back-off's wait, per provider: a test replaces it on one instance, never process-wide.
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
+
     def __init__(self, provider_config: dict[str, Any], cluster_name: str) -> None:
         super().__init__(provider_config, cluster_name)
         self.settings = RunPodProviderSettings.model_validate(provider_config)
@@ -638,7 +641,7 @@ class RunPodNodeProvider(NodeProvider):
                     len(delays),
                     delay,
                 )
-                time.sleep(delay)
+                self.sleep(delay)
                 number += 1
 
     def _graphql_once(self, query: str) -> dict[str, Any]:

@@ -52,6 +52,9 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(16, gt=0)
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(60, ge=0)
+    # Over how long Serve averages the load (Ray's default). How often the load is reported is
+    # Ray's environment variables RAY_SERVE_{REPLICA,HANDLE}_AUTOSCALING_METRIC_PUSH_INTERVAL_S.
+    look_back_period_s: float = Field(30, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:

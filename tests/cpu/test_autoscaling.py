@@ -29,10 +29,16 @@ AUTOSCALING = {
     "target_ongoing_requests": 2,
     "upscale_delay_s": 1,
     "downscale_delay_s": 5,
+    # Averaged over 3 s, not Ray's 30 s (and reported every 0.5 s, PUSH_INTERVAL below): the test
+    # then waits for the new replica's model load, not for Serve's averaging window.
+    "look_back_period_s": 3,
+}
+PUSH_INTERVAL = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
 }
 CLIENTS = 8  # 4x the target for one replica: Serve wants ceil(8 / 2) = 4, capped at 2
-# Bounds for Serve to react: its handles push load metrics every 10 s and average them over a
-# 30 s look-back window, and a new replica loads the model (10-20 s on 2 busy cores).
+# Bounds for Serve to react: a new replica loads the model (10-20 s on 2 busy cores).
 SCALE_UP_S = 120
 SCALE_DOWN_S = 120
 
@@ -80,8 +86,11 @@ def base_url(registry_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     model = app_args(registry_root)["models"][0]
     model.update(num_cpus=0.5, autoscaling=AUTOSCALING)
     audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    with serve_app(registry_root, audit_path=audit, models=[model]) as url:
-        yield url
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in PUSH_INTERVAL.items():
+            env.setenv(name, value)  # read by Serve's controller and replicas, started below
+        with serve_app(registry_root, audit_path=audit, models=[model]) as url:
+            yield url
 
 
 def running_replicas() -> int:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.serving import CHAT, serve_app
+from tests.serving import CHAT, health_detail, serve_app
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
@@ -33,9 +35,13 @@ def base_url(registry_root: Path, tmp_path_factory: pytest.TempPathFactory):
         yield url
 
 
+def detail(base_url: str) -> Callable[[], dict[str, Any]]:
+    return lambda: httpx.get(base_url + "/health?detail=1", timeout=30).json()
+
+
 def running(base_url: str) -> int:
     # The detail's queue depth is as the router last polled it (every few seconds).
-    return httpx.get(base_url + "/health?detail=1", timeout=30).json()["models"][CHAT]["running"]
+    return detail(base_url)()["models"][CHAT]["running"]
 
 
 def wait_idle(base_url: str, deadline_s: float = 15) -> int:
@@ -79,5 +85,6 @@ def test_client_disconnect_stops_generation_within_seconds(base_url: str) -> Non
         for i, _ in enumerate(r.iter_lines()):
             if i >= 6:
                 break
-        assert running(base_url) == 1
+        # The detail lags by up to one poll: wait for it to see the stream, then disconnect.
+        health_detail(detail(base_url), CHAT, until=lambda m: m.get("running") == 1)
     assert wait_idle(base_url) == 0

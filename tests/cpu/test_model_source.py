@@ -19,7 +19,7 @@ def test_missing_demo_model_fails_the_deploy_naming_the_command_that_builds_it(t
 
 def test_registry_model_with_a_modified_file_is_refused(registry_root: Path, tmp_path) -> None:
     shutil.copytree(registry_root / "smollm2-135m-instruct", tmp_path / "smollm2-135m-instruct")
-    version = next((tmp_path / "smollm2-135m-instruct").iterdir())
+    [version] = [p for p in (tmp_path / "smollm2-135m-instruct").iterdir() if p.is_dir()]
     with (version / "config.json").open("a") as f:
         f.write(" ")
     with pytest.raises(ModelUnavailable, match=r"modified config.json"):

@@ -493,8 +493,10 @@ def test_retry_waits_back_off_exponentially_and_honour_retry_after(
     fake: FakeRunPodAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     waits: list[float] = []
-    monkeypatch.setattr(provider_module.time, "sleep", waits.append)
     provider = make_provider(max_retries=4, backoff_base_s=0.5, backoff_cap_s=3.0)
+    # On this provider only: patching time.sleep itself turns every other thread's sleep loop
+    # into a busy loop appending to `waits` (the process then ran out of memory).
+    monkeypatch.setattr(provider, "sleep", waits.append)
     fake.fail_next(1, status=429, retry_after=2)
     fake.fail_next(3, status=502)
 

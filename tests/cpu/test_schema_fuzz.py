@@ -1,37 +1,14 @@
-"""Schema fuzzing (Schemathesis) of the real app's inference paths: no generated request gets a 5xx.
+"""The document the schema fuzzer runs on: the app's own OpenAPI, with `model` and lengths bounded.
 
-Fixed seed and a bounded number of examples so CI is repeatable and short; `python -m
-benchmarks.fuzz` is the long run. The document is the app's own `/openapi.json`, request bodies as
-it documents them, adjusted as benchmarks/fuzz.py describes (`model` and lengths bounded).
+The fuzz run itself is in test_serving_e2e.py (it shares that module's app); `python -m
+benchmarks.fuzz` is the long run.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from benchmarks.fuzz import DEFAULT_SEED, INFERENCE, fuzz_operation, load_schema, operations
-from tests.serving import serve_app
-
-pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
-
-EXAMPLES_PER_OPERATION = 30
-
-
-@pytest.fixture(scope="module")
-def app(registry_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    with serve_app(registry_root, audit_path=audit) as url:
-        yield url, {op.path: op for op in operations(load_schema(url))}
-
-
-@pytest.mark.parametrize("path", list(INFERENCE))
-def test_generated_requests_never_get_a_server_error(app, path: str) -> None:
-    url, ops = app
-    failures = fuzz_operation(ops[path], url, EXAMPLES_PER_OPERATION, DEFAULT_SEED)
-    report = "\n".join(f"{f.outcome}\n  body: {f.body[:300]}" for f in failures)
-    assert not failures, f"{len(failures)} of {EXAMPLES_PER_OPERATION} got a 5xx:\n{report}"
+from benchmarks.fuzz import INFERENCE
 
 
 def test_fuzz_document_bounds_model_and_lengths_of_the_apps_own_document() -> None:

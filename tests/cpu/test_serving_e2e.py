@@ -10,11 +10,13 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from benchmarks.fuzz import DEFAULT_SEED, INFERENCE, fuzz_operation, load_schema, operations
 from tests.serving import CHAT, health_detail, serve_app
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
 PARIS = {"role": "user", "content": "What is the capital of France?"}
+FUZZ_EXAMPLES_PER_OPERATION = 30  # fixed seed, bounded: `python -m benchmarks.fuzz` runs longer
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +173,12 @@ def test_health_models_and_metrics_endpoints(base_url) -> None:
 def test_client_request_id_is_echoed(base_url) -> None:
     r = httpx.get(base_url + "/v1/models", headers={"X-Request-Id": "abc-123"}, timeout=30)
     assert r.headers["x-request-id"] == "abc-123"
+
+
+@pytest.mark.parametrize("path", list(INFERENCE))
+def test_schema_fuzzed_requests_never_get_a_server_error(base_url, path: str) -> None:
+    """Schemathesis on the app's own /openapi.json (as benchmarks/fuzz.py bounds it)."""
+    [op] = [op for op in operations(load_schema(base_url)) if op.path == path]
+    failures = fuzz_operation(op, base_url, FUZZ_EXAMPLES_PER_OPERATION, DEFAULT_SEED)
+    report = "\n".join(f"{f.outcome}\n  body: {f.body[:300]}" for f in failures)
+    assert not failures, f"{len(failures)} of {FUZZ_EXAMPLES_PER_OPERATION} got a 5xx:\n{report}"
