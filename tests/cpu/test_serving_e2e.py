@@ -1,9 +1,16 @@
-"""End to end: the real app (`serve.run`) on the real demo AWQ model, over HTTP."""
+"""End to end: the real app (`serve.run`) on the real demo AWQ model, over HTTP.
+
+One app for the module (starting one costs ~15 s). The replica-kill test comes last: it SIGKILLs
+the model replica, and Serve's replacement is what any later test would meet.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -12,11 +19,16 @@ from transformers import AutoTokenizer
 
 from benchmarks.fuzz import DEFAULT_SEED, INFERENCE, fuzz_operation, load_schema, operations
 from tests.serving import CHAT, health_detail, serve_app
+from tests.streams import open_stream, wait_all, wait_until
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
 PARIS = {"role": "user", "content": "What is the capital of France?"}
 FUZZ_EXAMPLES_PER_OPERATION = 30  # fixed seed, bounded: `python -m benchmarks.fuzz` runs longer
+KILL_STREAMS = 12
+KILL_MAX_TOKENS = 256  # still decoding when the replica dies
+CUT_S = 30  # generous: a dead actor reaches the router's stream within a second or two
+RECOVER_S = 240  # Serve notices the death, starts a replica, which loads the model
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +194,47 @@ def test_schema_fuzzed_requests_never_get_a_server_error(base_url, path: str) ->
     failures = fuzz_operation(op, base_url, FUZZ_EXAMPLES_PER_OPERATION, DEFAULT_SEED)
     report = "\n".join(f"{f.outcome}\n  body: {f.body[:300]}" for f in failures)
     assert not failures, f"{len(failures)} of {FUZZ_EXAMPLES_PER_OPERATION} got a 5xx:\n{report}"
+
+
+# ---- last: kills the model replica ----------------------------------------------------------
+
+
+def replica_pid(base_url: str, other_than: int | None = None) -> int:
+    """The model replica's pid as /health's detail reports it (polled: it lags a replacement)."""
+
+    def fetch() -> dict:
+        return httpx.get(base_url + "/health?detail=1", timeout=30).json()
+
+    def new(m: dict) -> bool:
+        return m.get("pid") is not None and m["pid"] != other_than
+
+    return health_detail(fetch, CHAT, new)["pid"]
+
+
+def answers(base_url: str) -> bool:
+    body = {"model": CHAT, "prompt": "Hello", "max_tokens": 4}
+    try:
+        return httpx.post(base_url + "/v1/completions", json=body, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_sigkill_mid_stream_ends_every_stream_with_an_error_event_then_recovers(base_url) -> None:
+    pid = replica_pid(base_url)
+    streams = [open_stream(base_url, KILL_MAX_TOKENS) for _ in range(KILL_STREAMS)]
+    wait_all(streams, lambda s: s.started, 120)
+    assert not any(s.ended.is_set() for s in streams), "streams must be mid-way at the kill"
+    os.kill(pid, signal.SIGKILL)  # the pid our own app reported
+    killed = time.monotonic()
+
+    wait_all(streams, lambda s: s.ended, CUT_S)
+    cut_s = max(s.ended_at or killed for s in streams) - killed
+    wait_until(lambda: answers(base_url), RECOVER_S, "a new request to succeed")
+    print(f"all {KILL_STREAMS} streams ended {cut_s:.2f}s after SIGKILL; "
+          f"a new request succeeded {time.monotonic() - killed:.1f}s after it")  # fmt: skip
+
+    for s in streams:
+        assert s.status == 200 and s.transport_error is None, s.summary()
+        assert s.error is not None and s.error["code"] == "replica_died", s.summary()
+        assert not s.done and s.finish_reason is None, s.summary()
+    replica_pid(base_url, other_than=pid)  # the replacement is another process
