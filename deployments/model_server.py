@@ -56,6 +56,7 @@ def build_engine(
             lm_head_dtype=config.lm_head_dtype,
             prefix_cache_mb=config.prefix_cache_mb,
             batch_invariant=config.batch_invariant,
+            decode_step=config.decode_step,
         ),
         on_step=on_step,
     )

@@ -171,3 +171,21 @@ def test_generate_request_rejects_unknown_fields() -> None:
     assert [(e["loc"], e["type"]) for e in exc.value.errors()] == [
         (("max_tokens",), "extra_forbidden")
     ]
+
+
+def test_model_settings_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments.config import ModelConfig
+    from deployments.engine import scheduler
+    from deployments.model_server import build_engine
+
+    built: list[Any] = []
+    monkeypatch.setattr(scheduler, "Engine", lambda cfg, on_step: built.append(cfg))
+    model = ModelConfig(
+        name="m", source="m", decode_step="eager", batch_invariant=False, lm_head_dtype="bfloat16"
+    )
+    build_engine(model, Path("/models/m"), lambda rows, seconds: None)
+    [cfg] = built
+    assert (cfg.decode_step, cfg.batch_invariant, cfg.lm_head_dtype) == ("eager", False, "bfloat16")
+    assert cfg.model_dir == Path("/models/m")
+    with pytest.raises(ValidationError, match="decode_step"):
+        ModelConfig(name="m", source="m", decode_step="graphs")
