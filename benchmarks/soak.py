@@ -3,8 +3,10 @@
 `concurrency` workers send normal chat, completion and streamed chat requests back to back;
 every `hostile_every`-th request is the next case of benchmarks/hostile_cases.py. Prints, per
 window (default 5 minutes): requests, status counts, p95 latency of the normal requests; the
-replicas' RSS (`/health` `memory_mb`) at start and end; and a verdict line (target: zero 5xx,
-RSS growth under 10%). Loopback only. Stops by itself; in-flight requests finish.
+replicas' RSS (`/health` `memory_mb`) after a warm-up (the KV cache and allocator pools are
+touched by the first requests, so the RSS at launch is not the baseline) and at the end; and a
+verdict line (target: zero 5xx, RSS growth under 10%). Loopback only. Stops by itself;
+in-flight requests finish.
 
     python -m benchmarks.soak --minutes 20
     python -m benchmarks.soak --minutes 2 --window-minutes 0.5   # a short check
@@ -153,6 +155,7 @@ async def soak(
     max_tokens: int,
     api_key: str | None,
     window_s: float,
+    warmup_s: float,
 ) -> int:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = httpx.Timeout(300.0, connect=10.0)
@@ -162,10 +165,10 @@ async def soak(
     ) as client:
         models = (await client.get("/v1/models")).json()["data"]
         model = models[0]["id"]
-        rss_start = await replica_rss(client)
+        rss_launch = await replica_rss(client)
         print(f"soak {url} model={model} minutes={minutes} concurrency={concurrency} "
               f"hostile 1 in {hostile_every} ({len(CASES)} cases)")  # fmt: skip
-        print(f"replica RSS at start: {rss_start} MB", flush=True)
+        print(f"replica RSS at launch: {rss_launch} MB", flush=True)
 
         traffic = normal_requests(model, max_tokens)
         hostile = itertools.cycle(CASES)
@@ -197,7 +200,15 @@ async def soak(
                             print(format_window(w, window_s), flush=True)
                     reported += 1
 
+        async def baseline() -> dict[str, float]:
+            await asyncio.sleep(warmup_s)
+            rss = await replica_rss(client)
+            print(f"replica RSS after {warmup_s:.0f}s of traffic (the baseline): {rss} MB")
+            return rss
+
+        baseline_rss = asyncio.create_task(baseline())
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        rss_start = await baseline_rss
         rss_end = await replica_rss(client)
 
     print("---- per window ----")
@@ -207,7 +218,8 @@ async def soak(
     print(
         f"total: requests={len(samples)} " + " ".join(f"{k}={v}" for k, v in sorted(total.items()))
     )
-    print(f"replica RSS at start: {rss_start} MB; at end: {rss_end} MB")
+    print(f"replica RSS at launch: {rss_launch} MB; after warm-up: {rss_start} MB; "
+          f"at end: {rss_end} MB")  # fmt: skip
     growth = rss_growth(rss_start, rss_end)
     print(verdict(samples, growth))
     return 0 if passed(samples, growth) else 1
@@ -222,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of normal requests.")
     p.add_argument("--window-minutes", type=float, default=5.0, help="Reporting window.")
     p.add_argument(
+        "--warmup-minutes", type=float, default=1.0, help="Traffic before the RSS baseline."
+    )
+    p.add_argument(
         "--api-key",
         default=None,
         help="Bearer key: all workers share one client IP, so anonymous per-client caps "
@@ -235,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_loopback(args.url)
     if args.minutes <= 0 or args.concurrency < 1 or args.hostile_every < 1:
         raise SystemExit("--minutes must be > 0, --concurrency and --hostile-every >= 1")
+    if not 0 <= args.warmup_minutes < args.minutes:
+        raise SystemExit("--warmup-minutes must be >= 0 and shorter than --minutes")
     return asyncio.run(
         soak(
             args.url,
@@ -244,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.max_tokens,
             args.api_key,
             args.window_minutes * 60,
+            args.warmup_minutes * 60,
         )
     )
 
