@@ -31,6 +31,7 @@ from deployments.engine.prompts import chat_prompt_ids
 from deployments.errors import ApiError
 from deployments.gateway import openai_format as fmt
 from deployments.gateway.schemas import ChatCompletionRequest
+from deployments.protocol import Finished, Usage
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -141,14 +142,10 @@ def parse_chat(raw: bytes) -> ChatCompletionRequest:
         raise ApiError(400, first["msg"], param=param) from exc
 
 
-def final_counts(gen: Generation, max_tokens: int) -> dict[str, Any]:
-    """The replica-style final event that openai_format turns into usage and finish_reason."""
+def final_event(gen: Generation, max_tokens: int) -> Finished:
+    """The replica's final event, which openai_format turns into usage and finish_reason."""
     reason = "length" if gen.completion_tokens >= max_tokens else "stop"
-    return {
-        "prompt_tokens": gen.prompt_tokens,
-        "completion_tokens": gen.completion_tokens,
-        "finish_reason": reason,
-    }
+    return Finished(reason, Usage(gen.prompt_tokens, gen.completion_tokens))
 
 
 async def sse_stream(
@@ -158,8 +155,8 @@ async def sse_stream(
     yield fmt.sse(fmt.chunk("chat", rid, served.name, None, role=True))
     async for text in served.stream(req, gen):
         yield fmt.sse(fmt.chunk("chat", rid, served.name, text))
-    final = final_counts(gen, req.resolved_max_tokens(DEFAULT_MAX_TOKENS))
-    yield fmt.sse(fmt.chunk("chat", rid, served.name, None, final["finish_reason"]))
+    final = final_event(gen, req.resolved_max_tokens(DEFAULT_MAX_TOKENS))
+    yield fmt.sse(fmt.chunk("chat", rid, served.name, None, fmt.FINISH_REASONS[final.reason]))
     if req.stream_options and req.stream_options.include_usage:
         yield fmt.sse(fmt.usage_chunk("chat", rid, served.name, final))
     yield fmt.sse("[DONE]")
@@ -193,7 +190,7 @@ def build_app(served: NaiveModel) -> FastAPI:
                 sse_stream(served, req, gen, rid), media_type="text/event-stream"
             )
         text = "".join([t async for t in served.stream(req, gen)])
-        final = final_counts(gen, req.resolved_max_tokens(DEFAULT_MAX_TOKENS))
+        final = final_event(gen, req.resolved_max_tokens(DEFAULT_MAX_TOKENS))
         return JSONResponse(fmt.full_response("chat", rid, served.name, text, final))
 
     return app
