@@ -29,8 +29,9 @@ demo: $(STAMP)
 serve: setup
 	$(BIN)/python -m deployments.graceful_run serve_config.yaml
 
+# -u: if the process ever dies mid-run, the progress dots show how far it got.
 test: setup
-	$(BIN)/python -m pytest tests/cpu -q
+	$(BIN)/python -u -m pytest tests/cpu -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -278,4 +278,7 @@ class ReplicaMetrics:
         self._sampler.start()
 
     def stop_sampling(self) -> None:
+        """Returns once the sampler has stopped: no sample is written after this."""
         self._stop.set()
+        if self._sampler is not None and self._sampler is not threading.current_thread():
+            self._sampler.join(timeout=10)

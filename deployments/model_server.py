@@ -69,6 +69,7 @@ class ModelServer:
         variant: str | None = None,
         engine_factory: EngineFactory = build_engine,
     ) -> None:
+        self._closed = False
         configure_logging()  # LOG_LEVEL from the environment the replica inherits
         self.config = config
         self.variant = variant or config.name
@@ -166,7 +167,15 @@ class ModelServer:
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         }
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Stop the gauge sampler and the engine; safe to call twice. Serve reaches it through
+        `__del__`; a process that builds servers itself (a test) calls it, since the sampler
+        thread would otherwise outlive the server and write Ray metrics into whatever Ray
+        session the process joins next (a write just after that session's `ray.shutdown()`
+        ends the process: Ray's core worker exits when used after shutdown)."""
+        if getattr(self, "_closed", True):  # closed already, or __init__ never began
+            return
+        self._closed = True
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.stop_sampling()
@@ -175,6 +184,9 @@ class ModelServer:
             # Serve calls this once the replica's ongoing requests are done (or its graceful
             # timeout passed), so the engine has little or nothing left to finish.
             engine.shutdown(drain_timeout_s=DRAIN_TIMEOUT_S)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def resident_memory_mb() -> float:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+import threading
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,10 +63,39 @@ def model_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+OPEN: list[ModelServer] = []
+
+
+@pytest.fixture(autouse=True)
+def close_servers() -> Iterator[None]:
+    """`@serve.batch` holds every server it saw, so none is ever collected: close them here, or
+    their gauge samplers run on into the Ray sessions of later tests."""
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 def make_server(model_dir: Path, engine: FakeEngine | None = None) -> ModelServer:
     fake = engine or FakeEngine()
     config = ModelConfig(name="fake", source=str(model_dir), verify=False)
-    return ModelServer(config, engine_factory=lambda cfg, path, on_step: fake)
+    server = ModelServer(config, engine_factory=lambda cfg, path, on_step: fake)
+    OPEN.append(server)
+    return server
+
+
+def samplers() -> int:
+    return sum(t.name == "metrics-sampler" for t in threading.enumerate())
+
+
+def test_close_stops_the_gauge_sampler_and_the_engine_once(model_dir: Path) -> None:
+    engine = FakeEngine()
+    before = samplers()
+    server = make_server(model_dir, engine)
+    assert samplers() == before + 1
+    server.close()
+    assert samplers() == before
+    assert not engine.healthy
+    server.close()  # a second close (Serve's __del__ after an explicit one) is a no-op
 
 
 def completion(prompt: str, max_tokens: int = 8, rid: str = "r1", **kw: object) -> GenerateRequest:
