@@ -10,6 +10,8 @@ loopback address (127.0.0.N), which the provider learns from RunPod's (fake) pri
 Steps 1-4 use a tiny Serve deployment that needs `num_gpus: 1` and answers with the pod it runs
 on (not the real model: what is under test is the autoscaling, and the model's own serving
 tests cover the model). Step 5 runs the real quantization CLI with `--gpus 1` on a 2-layer model.
+
+`make test` runs this module in a process of its own (tests/cpu/test_fresh_process.py says why).
 """
 
 from __future__ import annotations
