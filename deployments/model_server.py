@@ -169,10 +169,9 @@ class ModelServer:
 
     def close(self) -> None:
         """Stop the gauge sampler and the engine; safe to call twice. Serve reaches it through
-        `__del__`; a process that builds servers itself (a test) calls it, since the sampler
-        thread would otherwise outlive the server and write Ray metrics into whatever Ray
-        session the process joins next (a write just after that session's `ray.shutdown()`
-        ends the process: Ray's core worker exits when used after shutdown)."""
+        `__del__`; a process that builds servers itself (a test) calls it, since `@serve.batch`
+        keeps the server alive and its sampler would go on writing Ray metrics for as long as
+        the process lives, into whatever Ray session it joins next."""
         if getattr(self, "_closed", True):  # closed already, or __init__ never began
             return
         self._closed = True
