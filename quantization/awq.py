@@ -87,7 +87,7 @@ def search_awq(
 
     check_supported(fp_dir)
     device = pick_device().type
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = compute_dtype(device)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(fp_dir)
     model = _load_fp(fp_dir, dtype)
