@@ -1,7 +1,8 @@
 """Soak test (not in CI): N minutes of mixed traffic with the hostile cases mixed in.
 
-`concurrency` workers send normal chat, completion and streamed chat requests back to back;
-every `hostile_every`-th request is the next case of benchmarks/hostile_cases.py. Prints, per
+`concurrency` workers send normal chat, completion and streamed chat requests back to back
+(after a 429 or 503 they wait its `Retry-After`, as a real client does); every
+`hostile_every`-th request is the next case of benchmarks/hostile_cases.py. Prints, per
 window (default 5 minutes): requests, status counts, p95 latency of the normal requests; the
 replicas' RSS (`/health` `memory_mb`) after a warm-up (the KV cache and allocator pools are
 touched by the first requests, so the RSS at launch is not the baseline) and at the end; and a
@@ -10,6 +11,10 @@ in-flight requests finish.
 
     python -m benchmarks.soak --minutes 20
     python -m benchmarks.soak --minutes 2 --window-minutes 0.5   # a short check
+
+One client IP is one anonymous client: against serve_config.yaml's limits (100 requests/min per
+IP) most of the traffic is refused with 429. To soak the model rather than the rate limiter,
+serve a copy of the config with the limits raised, or pass `--api-key` with a key's own limits.
 """
 
 from __future__ import annotations
@@ -121,23 +126,42 @@ def normal_requests(model: str, max_tokens: int) -> Iterator[tuple[str, dict[str
             yield "/v1/chat/completions", {**common, "messages": messages}, kind == 2
 
 
+MAX_RETRY_WAIT_S = 10.0
+
+
+def retry_wait(status_code: int, headers: httpx.Headers) -> float:
+    """Seconds to wait before the next request, as a well-behaved client (the `openai` SDK)
+    does: a 429 or 503's `Retry-After`, capped; 0 otherwise. Without it a refused worker would
+    retry in a hot loop and the soak would measure the rate limiter, not the server."""
+    if status_code not in (429, 503):
+        return 0.0
+    try:
+        wait = float(headers.get("retry-after", "1"))
+    except ValueError:
+        wait = 1.0
+    return min(max(wait, 0.0), MAX_RETRY_WAIT_S)
+
+
 async def send_normal(
     client: httpx.AsyncClient, path: str, body: dict[str, Any], stream: bool
-) -> str:
+) -> tuple[str, float]:
+    """(status, seconds to wait before the next request)."""
     if not stream:
-        return str((await client.post(path, json=body)).status_code)
+        r = await client.post(path, json=body)
+        return str(r.status_code), retry_wait(r.status_code, r.headers)
     async with client.stream("POST", path, json=body) as r:
         errored = False
         async for line in r.aiter_lines():
             errored = errored or line.startswith('data: {"error"')
-    return "stream-error" if r.status_code == 200 and errored else str(r.status_code)
+    status = "stream-error" if r.status_code == 200 and errored else str(r.status_code)
+    return status, retry_wait(r.status_code, r.headers)
 
 
-async def send_hostile(client: httpx.AsyncClient, case: HostileCase) -> str:
+async def send_hostile(client: httpx.AsyncClient, case: HostileCase) -> tuple[str, float]:
     r = await client.request(
         case.method, case.path, content=case.body, headers=case.request_headers()
     )
-    return str(r.status_code)
+    return str(r.status_code), retry_wait(r.status_code, r.headers)
 
 
 async def replica_rss(client: httpx.AsyncClient) -> dict[str, float]:
@@ -184,14 +208,16 @@ async def soak(
                 n = next(counter)
                 is_hostile = n % hostile_every == 0
                 start = time.perf_counter()
+                wait = 0.0
                 try:
                     if is_hostile:
-                        status = await send_hostile(client, next(hostile))
+                        status, wait = await send_hostile(client, next(hostile))
                     else:
-                        status = await send_normal(client, *next(traffic))
+                        status, wait = await send_normal(client, *next(traffic))
                 except httpx.HTTPError as e:
                     status = type(e).__name__
                 samples.append(Sample(start - t0, status, time.perf_counter() - start, is_hostile))
+                await asyncio.sleep(wait)
                 # Print each window once it is over (a request still running may land late).
                 done = int((time.perf_counter() - t0) // window_s)
                 while reported < done:
@@ -203,7 +229,8 @@ async def soak(
         async def baseline() -> dict[str, float]:
             await asyncio.sleep(warmup_s)
             rss = await replica_rss(client)
-            print(f"replica RSS after {warmup_s:.0f}s of traffic (the baseline): {rss} MB")
+            print(f"replica RSS after {warmup_s:.0f}s of traffic (the baseline): {rss} MB",
+                  flush=True)  # fmt: skip
             return rss
 
         baseline_rss = asyncio.create_task(baseline())

@@ -1,9 +1,11 @@
-"""The soak script's arithmetic: windows, p95, 5xx count, RSS growth and the verdict."""
+"""The soak script's arithmetic: windows, p95, 5xx count, RSS growth, the verdict, the back-off."""
 
 from collections import Counter
 
+import httpx
 import pytest
 
+from benchmarks import soak
 from benchmarks.soak import Sample, passed, rss_growth, server_errors, verdict, windows
 
 
@@ -40,3 +42,20 @@ def test_verdict_passes_only_without_5xx_transport_errors_or_10_percent_growth()
     assert not passed(clean, None)
     assert not passed([*clean, Sample(0, "ReadTimeout", 300, False)], 0.0)
     assert not passed([*clean, Sample(0, "500", 1, True)], 0.0)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "wait"),
+    [
+        (429, {"Retry-After": "3"}, 3.0),
+        (503, {"Retry-After": "1"}, 1.0),
+        (429, {}, 1.0),
+        (429, {"Retry-After": "soon"}, 1.0),
+        (429, {"Retry-After": "86400"}, soak.MAX_RETRY_WAIT_S),
+        (429, {"Retry-After": "-5"}, 0.0),
+        (200, {"Retry-After": "3"}, 0.0),
+        (400, {}, 0.0),
+    ],
+)
+def test_a_refused_worker_waits_what_retry_after_says_capped(status, headers, wait) -> None:
+    assert soak.retry_wait(status, httpx.Headers(headers)) == wait
