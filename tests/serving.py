@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def disconnect_ray() -> None:
+    """`ray.shutdown()` after a garbage collection. Ray actor handles and object refs left in
+    reference cycles (Serve's client after `serve.shutdown()`) are otherwise freed by whichever
+    thread next trips the cyclic GC, possibly after the shutdown, when freeing one touches the
+    gone core worker and Ray ends the process with status 1 ("the language frontend accesses the
+    Ray's worker after it is shutdown")."""
+    import ray
+
+    gc.collect()
+    ray.shutdown()
 
 
 def app_args(
@@ -73,7 +86,7 @@ def serve_app(
         yield f"{'https' if http.get('ssl_certfile') else 'http'}://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        ray.shutdown()
+        disconnect_ray()
 
 
 def deploy_config(args: dict[str, Any], timeout_s: int = 600) -> None:

@@ -1,11 +1,10 @@
-"""Test modules that must hold their process's first Ray session, run in a fresh interpreter.
+"""Test modules whose Ray driver attaches to an external cluster, each in its own interpreter.
 
-Ray's in-process metrics exporter outlives `ray.shutdown()`. In a process that has had a Ray
-session before, it keeps exporting to that session's dead agent, and a later driver connected to
-an external cluster (`ray.init(address=...)`) can be ended by it just after its own
-`ray.shutdown()`: the core worker exits with status 1 ("the language frontend accesses the Ray's
-worker after it is shutdown"), taking pytest down with no summary. The main suite starts one Ray
-session per module in one process, so the modules under `tests/fresh_process/` get their own.
+Such a driver has been ended by Ray's core worker at its `ray.shutdown()` (exit status 1, "the
+language frontend accesses the Ray's worker after it is shutdown"), most often when the process
+had held Ray sessions before, whose metrics exporter outlives them. In the suite's own process
+that ended pytest with no summary; here it starts clean, and a crash is this test's failure,
+reported with the child's output.
 """
 
 from __future__ import annotations

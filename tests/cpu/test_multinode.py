@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from deployments.app import deployment_name
-from tests.serving import CHAT, app_args, free_port, health_detail
+from tests.serving import CHAT, app_args, disconnect_ray, free_port, health_detail
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
@@ -147,7 +147,7 @@ def app(cluster: Cluster, registry_root: Path) -> Iterator[App]:
         yield App(f"http://127.0.0.1:{port}", cluster, node_ids)
     finally:
         serve.shutdown()
-        ray.shutdown()
+        disconnect_ray()
 
 
 def alive_on(app: App, class_name: str) -> list[str]:

@@ -29,6 +29,7 @@ from quantization.gate import gate
 from quantization.pipeline import JobResult, JobSpec, ServedCheckPolicy, run_jobs
 from quantization.recipes import CalibrationSpec, EvaluationSpec, GateSpec, QuantRecipe
 from quantization.registry import MANIFEST, STAGING, Registry, sha256_file
+from tests.serving import disconnect_ray
 
 NAME = "tiny"
 # A random model's perplexity is about its vocabulary size: only the top-1 check means anything.
@@ -65,7 +66,7 @@ def ray_local() -> Iterator[None]:
     # address="local": never join another Ray instance running on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
-    ray.shutdown()
+    disconnect_ray()
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,14 @@ import yaml
 import cluster.resources as resources
 from awq_serve_cli import main as cli
 from quantization.pipeline import _resources
+from tests.serving import disconnect_ray
 
 
 @pytest.fixture(scope="module")
 def ray_two_cpus() -> Iterator[None]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
-    ray.shutdown()
+    disconnect_ray()
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ from tests.fakes.runpod_pods import (
     pod_processes,
     start_reaper,
 )
-from tests.serving import REPO, free_port
+from tests.serving import REPO, disconnect_ray, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +258,7 @@ def ray_driver(cluster: Cluster) -> Iterator[None]:
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
-        ray.shutdown()
+        disconnect_ray()
 
 
 def deploy_gpu_app(host: str) -> str:
