@@ -235,7 +235,7 @@ async def soak(
 
         baseline_rss = asyncio.create_task(baseline())
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        rss_start = await baseline_rss
+        rss_baseline = await baseline_rss
         rss_end = await replica_rss(client)
 
     print("---- per window ----")
@@ -245,9 +245,9 @@ async def soak(
     print(
         f"total: requests={len(samples)} " + " ".join(f"{k}={v}" for k, v in sorted(total.items()))
     )
-    print(f"replica RSS at launch: {rss_launch} MB; after warm-up: {rss_start} MB; "
+    print(f"replica RSS at launch: {rss_launch} MB; after warm-up: {rss_baseline} MB; "
           f"at end: {rss_end} MB")  # fmt: skip
-    growth = rss_growth(rss_start, rss_end)
+    growth = rss_growth(rss_baseline, rss_end)
     print(verdict(samples, growth))
     return 0 if passed(samples, growth) else 1
 

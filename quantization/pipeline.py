@@ -204,12 +204,10 @@ def _cancel(branches: list[_Branch], cache: Path, grace_s: float = 10.0) -> None
     refs = list(dict.fromkeys(r for b in branches for r in b.refs()))
     # Only what has not finished: cancelling a task whose result is arriving trips a check in
     # Ray's task manager ("Tried to complete task that was not pending") that ends the driver.
-    _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+    _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0)
     for ref in unfinished:
         ray.cancel(ref)
-    running = []
-    if unfinished:
-        _, running = ray.wait(unfinished, num_returns=len(unfinished), timeout=grace_s)
+    _, running = ray.wait(unfinished, num_returns=len(unfinished), timeout=grace_s)
     for ref in running:
         ray.cancel(ref, force=True)
     if running:
