@@ -24,11 +24,11 @@ def free_port() -> int:
 
 
 def disconnect_ray() -> None:
-    """`ray.shutdown()` after a garbage collection. Ray actor handles and object refs left in
-    reference cycles (Serve's client after `serve.shutdown()`) are otherwise freed by whichever
-    thread next trips the cyclic GC, possibly after the shutdown, when freeing one touches the
-    gone core worker and Ray ends the process with status 1 ("the language frontend accesses the
-    Ray's worker after it is shutdown")."""
+    """`ray.shutdown()` after a garbage collection. Ray has ended a test process with status 1
+    just after its shutdown ("the language frontend accesses the Ray's worker after it is
+    shutdown"); a suspected path, not a proven one, is a Ray handle in a reference cycle (Serve's
+    client after `serve.shutdown()`) freed by the cyclic GC after the shutdown. Collecting first
+    frees such handles while the core worker is still there."""
     import ray
 
     gc.collect()
