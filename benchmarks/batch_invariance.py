@@ -71,7 +71,8 @@ def op_table(runner: ModelRunner, h: torch.Tensor) -> dict[str, Callable[[], tor
     positions = [length - 1 for length in runner.cache.lengths[:n]]  # attend over the prompt
 
     def attention() -> torch.Tensor:
-        q = runner.qkv[0](x)[0].view(n, runner.n_heads, runner.head_dim)
+        q = runner.qkv[0](x)[..., : runner.n_heads * runner.head_dim]
+        q = q.reshape(n, runner.n_heads, runner.head_dim)
         at = plan_attention(
             list(range(n)), positions, 1, runner.max_len, runner.device, runner.batch_invariant
         )
@@ -81,10 +82,10 @@ def op_table(runner: ModelRunner, h: torch.Tensor) -> dict[str, Callable[[], tor
 
     return {
         "rms_norm": lambda: x,
-        "q/k/v matmul": lambda: torch.cat(runner.qkv[0](x), -1),
+        "q/k/v matmul": lambda: runner.qkv[0](x),
         "attention (SDPA over the KV cache)": attention,
-        "o_proj matmul": lambda: runner.o_proj[0](attention().view(n, 1, -1))[0],
-        "gate/up matmul": lambda: torch.cat(runner.gate_up[0](x), -1),
+        "o_proj matmul": lambda: runner.o_proj[0](attention().view(n, 1, -1)),
+        "gate/up matmul": lambda: runner.gate_up[0](x),
         "output projection (lm_head)": lambda: runner._logits(x[:, -1]),
     }
 

@@ -98,14 +98,23 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, and sin with its first half negated: what `apply_rope` takes, made once a forward."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (batch, seq, head_dim)."""
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (..., heads, head_dim); cos and signed_sin (`rope_tables`) broadcast
+    over the heads.
+
+    HF's x * cos + rotate_half(x) * sin bit for bit, with rotate_half(x) = (-x2, x1) taken as
+    the halves swapped times a sign folded into sin ((-a) * b == a * (-b) exactly): one copy and
+    three products instead of split, neg and cat, and q and k of a layer go through together.
+    """
+    hd = x.shape[-1]
+    swapped = x.unflatten(-1, (2, hd // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
 
 
 class SlotKVCache:
@@ -126,14 +135,12 @@ class SlotKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = [0] * slots
         self.max_len = max_len
+        # Read after every step (the KV-bytes gauge): computed once, not summed over the layers.
+        self.bytes_per_token = sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
 
     @property
     def slots(self) -> int:
         return len(self.lengths)
-
-    @property
-    def bytes_per_token(self) -> int:
-        return sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
 
     def bytes_in_use(self) -> int:
         return self.bytes_per_token * sum(self.lengths)
@@ -348,6 +355,9 @@ class ModelRunner:
         self.o_proj: list[Projection] = [fuse([b.self_attn.o_proj]) for b in layers]
         self.gate_up: list[Projection] = [fuse([b.mlp.gate_proj, b.mlp.up_proj]) for b in layers]
         self.down: list[Projection] = [fuse([b.mlp.down_proj]) for b in layers]
+        # F.silu itself where the model's activation is SiLU: a module call per layer costs more
+        # than the op at decode sizes.
+        self.act = F.silu if cfg.hidden_act == "silu" else layers[0].mlp.act_fn
         head_dtype = lm_head_dtype(lm_head, self.dtype)
         self._lm_head, self.lm_head_path = output_projection(
             model.lm_head, head_dtype, self.device, max_slots
@@ -402,37 +412,38 @@ class ModelRunner:
         layer: nn.Module,
         i: int,
         h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         at: StepLayout,
         index: torch.Tensor,
     ) -> torch.Tensor:
         b, s, _ = h.shape
-        q, kc, vc = self._project_and_cache(layer, i, h, (cos, sin), index)
-        out = self._cached_attention(q.transpose(1, 2).reshape(b * s, self.n_heads, -1), kc, vc, at)
-        return self.o_proj[i](out.view(b, s, -1))[0]
+        q, kc, vc = self._project_and_cache(layer, i, h, rope, index)  # q: (b, s, heads, hd)
+        out = self._cached_attention(q.reshape(b * s, self.n_heads, -1), kc, vc, at)
+        return self.o_proj[i](out.view(b, s, -1))
 
     def _project_and_cache(
         self,
         layer: nn.Module,
         i: int,
         h: torch.Tensor,
-        rope: tuple[torch.Tensor, ...],
+        rope: tuple[torch.Tensor, torch.Tensor],
         index: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (b, heads, s, head_dim) with rope, and layer i's K/V cache with the new keys and
-        values written at `index`."""
-        attn = layer.self_attn
-        b, s, _ = h.shape
-        cos, sin = rope
-        q, k, v = self.qkv[i](h)
-        q = q.view(b, s, self.n_heads, self.head_dim)
-        k = k.view(b, s, self.kv_heads, self.head_dim)
-        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        """q (..., heads, head_dim) with rope, and layer i's K/V cache with the new keys and
+        values written at `index`. h is (batch, seq, hidden), or (rows, hidden) in a decode step,
+        where (rows, kv_heads) is already the order the cache index expects."""
+        nq, nkv, hd = self.n_heads, self.kv_heads, self.head_dim
+        qkv = self.qkv[i](h)
+        qk = qkv[..., : (nq + nkv) * hd].unflatten(-1, (nq + nkv, hd))
+        v = qkv[..., (nq + nkv) * hd :].unflatten(-1, (nkv, hd))
         if self.arch.qk_norm:
-            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (b, heads, s, head_dim)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (b, kv_heads, s, head_dim)
+            attn = layer.self_attn
+            q, k = rms_norm(attn.q_norm, qk[..., :nq, :]), rms_norm(attn.k_norm, qk[..., nq:, :])
+            qk = torch.cat((q, k), dim=-2)
+        qk = apply_rope(qk, *rope)
+        q, k = qk[..., :nq, :], qk[..., nq:, :]
+        if h.dim() == 3:  # the cache index runs (batch, kv_heads, seq)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         kc, vc = self.cache.k[i], self.cache.v[i]
         self.cache.write(kc, index, k)
         self.cache.write(vc, index, v)
@@ -455,9 +466,10 @@ class ModelRunner:
             out.index_copy_(0, g.rows, og.transpose(1, 2).reshape(-1, heads, hd))
         return out[:tokens].reshape(tokens, heads * hd)
 
-    def _mlp(self, layer: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up[i](h)
-        return self.down[i](layer.mlp.act_fn(gate) * up)[0]
+    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up[i](h)
+        half = gate_up.shape[-1] // 2
+        return self.down[i](self.act(gate_up[..., :half]) * gate_up[..., half:])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._lm_head(h).float()
@@ -467,12 +479,13 @@ class ModelRunner:
         """ids: (batch, seq). Returns float32 logits (tokens wanted, vocab)."""
         inner = self.model.model
         h = inner.embed_tokens(ids)  # (batch, seq, hidden)
-        cos, sin = inner.rotary_emb(h, at.pos)
+        cos, sin = inner.rotary_emb(h, at.pos)  # (batch, seq, head_dim): broadcast over heads
+        rope = rope_tables(cos.unsqueeze(-2), sin.unsqueeze(-2))
         index = self.cache.flat_index(at.slot, at.pos)
         for i, layer in enumerate(inner.layers):
             attn_in = rms_norm(layer.input_layernorm, h)
-            h = h + self._attention(layer, i, attn_in, cos, sin, at, index)
-            h = h + self._mlp(layer, i, rms_norm(layer.post_attention_layernorm, h))
+            h = h + self._attention(layer, i, attn_in, rope, at, index)
+            h = h + self._mlp(i, rms_norm(layer.post_attention_layernorm, h))
         h = h.reshape(-1, h.shape[-1])[at.last]
         return self._logits(rms_norm(inner.norm, h))
 
@@ -641,18 +654,19 @@ class ModelRunner:
         order: torch.Tensor,
         groups: tuple[tuple[int, int], ...],
     ) -> torch.Tensor:
-        """The decoder of `_decode_step`: final normed hidden states (rows, hidden)."""
+        """The decoder of `_decode_step`: final normed hidden states (rows, hidden). Activations
+        stay 2-D (rows, hidden), so no step reshapes them around the matmuls."""
         inner = self.model.model
         rows = ids.shape[0]
-        h = inner.embed_tokens(ids)  # (rows, 1, hidden)
-        rope = inner.rotary_emb(h, pos)  # cos, sin: (rows, 1, head_dim)
+        h = inner.embed_tokens(ids).view(rows, -1)
+        rope = rope_tables(*inner.rotary_emb(h, pos))  # (rows, 1, head_dim): broadcast over heads
         index = self.cache.flat_index(self._slot_ids[:rows].view(rows, 1), pos)
         plan = decode_plan(pos, order, groups, self.dtype)
         for i, layer in enumerate(inner.layers):
             attn_in = rms_norm(layer.input_layernorm, h)
             h = h + self._decode_attention(layer, i, attn_in, rope, index, plan)
-            h = h + self._mlp(layer, i, rms_norm(layer.post_attention_layernorm, h))
-        return rms_norm(inner.norm, h.view(rows, -1))
+            h = h + self._mlp(i, rms_norm(layer.post_attention_layernorm, h))
+        return rms_norm(inner.norm, h)
 
     def _decode_attention(
         self,
@@ -663,9 +677,10 @@ class ModelRunner:
         index: torch.Tensor,
         plan: list[DecodeGroup],
     ) -> torch.Tensor:
-        """`_attention` for one new token a row: h (rows, 1, hidden)."""
+        """`_attention` for one new token a row: h (rows, hidden)."""
         rows = h.shape[0]
-        q, kc, vc = self._project_and_cache(layer, i, h, rope, index)  # q: (rows, heads, 1, hd)
+        q, kc, vc = self._project_and_cache(layer, i, h, rope, index)  # q: (rows, heads, hd)
+        q = q.unsqueeze(2)  # (rows, heads, 1, hd): one query each
         gqa = self.kv_heads != self.n_heads
         if len(plan) == 1:  # every row reads the same keys: slots 0..rows-1 as they are
             g = plan[0]
@@ -673,11 +688,11 @@ class ModelRunner:
                 q, kc[:rows, :, : g.keys], vc[:rows, :, : g.keys], attn_mask=g.mask, enable_gqa=gqa
             )
         else:
-            out = torch.empty_like(q)
+            out = q.new_empty(q.shape)
             for g in plan:
                 kg, vg = kc[g.rows, :, : g.keys], vc[g.rows, :, : g.keys]
                 og = F.scaled_dot_product_attention(
                     q[g.rows], kg, vg, attn_mask=g.mask, enable_gqa=gqa
                 )
                 out.index_copy_(0, g.rows, og)
-        return self.o_proj[i](out.transpose(1, 2).reshape(rows, 1, -1))[0]
+        return self.o_proj[i](out.view(rows, -1))
