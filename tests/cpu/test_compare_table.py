@@ -14,6 +14,7 @@ from benchmarks.compare import (
     ratio,
 )
 from benchmarks.stats import BenchSummary, LatencyStats
+from benchmarks.tree_memory import MemoryPeak
 
 
 def summary(tok_per_s: float, ttft_p95: float, ok: int = 48, count: int = 48) -> BenchSummary:
@@ -99,6 +100,23 @@ def test_failed_and_skipped_systems_keep_their_row_and_say_why():
     assert table["awq-serve (FP16)"][1] == "failed"
     assert "- vLLM-CPU (FP16 as fp32): no vLLM venv" in text
     assert "- awq-serve (FP16): not ready" in text
+
+
+def test_memory_columns_give_the_tree_peak_and_the_largest_process_and_say_what_counts():
+    replica = "ray::ServeReplica:awq-serve:ModelServer"
+    memory = MemoryPeak(peak_tree_mib=2310.4, peak_largest_mib=812.6, largest_name=replica)
+    awq = SystemResult(key="awq-serve", label="awq-serve (AWQ)", memory=memory)
+    text = format_table([awq, SystemResult(key="naive", label="naive server (AWQ)")])
+    table = rows(text)
+    assert table["awq-serve (AWQ)"][13:15] == ["2310", "813"]
+    assert table["naive server (AWQ)"][13:15] == ["-", "-"]
+    assert "Ray's GCS, raylet" in text and "upper bound" in text
+    assert "awq-serve (AWQ): `ray::ServeReplica:awq-serve:ModelServer`" in text
+
+
+def test_without_memory_samples_there_is_no_memory_note():
+    text = format_table([SystemResult(key="naive", label="n", load=summary(1.0, 1.0))])
+    assert "peak RSS:" not in text
 
 
 def test_table_has_one_separator_cell_per_column():
