@@ -72,6 +72,9 @@ SYSTEMS: dict[str, str] = {
 }
 # Single-client throughput is reported for these (the batching gain at concurrency 1 is nil).
 SINGLE_CLIENT = ("awq-serve", "awq-serve-variant", "naive", "llama-cpp")
+# Left out of --sweep: the one-at-a-time server's tok/s is its 1-client figure at every level and
+# its TTFT is the queue ahead of a request; 64 requests at 32 clients would take it ~5 minutes.
+NO_SWEEP = frozenset({"naive"})
 # Systems that cannot decode past EOS on request. Empty: awq-serve's schema has ignore_eos, the
 # naive server maps it to min_new_tokens, vLLM and llama-server take it as a sampling parameter.
 NO_IGNORE_EOS: frozenset[str] = frozenset()
@@ -720,7 +723,8 @@ def measure(
     if key in SINGLE_CLIENT and plan.single_requests > 0:
         single = plan.config(launch, 1, plan.single_requests)
         result.single = run_load(single, result.ignore_eos, opts.progress)
-    run_sweep(launch, plan, result, root_pid, opts.progress)
+    if key not in NO_SWEEP:
+        run_sweep(launch, plan, result, root_pid, opts.progress)
     if key != "awq-serve" or not opts.timeline:
         return None
     long_tokens = plan.timeline_long_tokens
