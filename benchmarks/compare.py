@@ -71,7 +71,7 @@ SYSTEMS: dict[str, str] = {
     "llama-cpp": "llama.cpp server (Q4_1 GGUF)",
 }
 # Single-client throughput is reported for these (the batching gain at concurrency 1 is nil).
-SINGLE_CLIENT = ("awq-serve", "awq-serve-variant", "naive", "llama-cpp")
+SINGLE_CLIENT = ("awq-serve", "awq-serve-variant", "naive", "llama-cpp", "vllm-cpu", "vllm-cpu-awq")
 # Left out of --sweep: the one-at-a-time server's tok/s is its 1-client figure at every level and
 # its TTFT is the queue ahead of a request; 64 requests at 32 clients would take it ~5 minutes.
 NO_SWEEP = frozenset({"naive"})

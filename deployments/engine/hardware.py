@@ -57,6 +57,6 @@ def kernel_paths(model: nn.Module, lm_head: str, batch_invariant: bool) -> dict[
     return {
         "linear": dict(linears),
         "lm_head": lm_head,
-        "attention": "sdpa",
+        "attention": ("sdpa; decode: batched matmuls" if model.device.type == "cpu" else "sdpa"),
         "batch_invariant": batch_invariant,
     }
