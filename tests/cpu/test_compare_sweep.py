@@ -217,19 +217,25 @@ def test_default_llama_server_is_where_the_setup_script_puts_it():
     assert '"$DIR/bin/llama-server"' in script and ".llama-cpp" in script
 
 
+def offline_options(tmp_path: Path, **given: object) -> Options:
+    """Options for a run that never reaches a server (the fields a test cares about given)."""
+    fields: dict[str, object] = {
+        "plan": LoadPlan(),
+        "registry": tmp_path,
+        "awq_model": "m",
+        "fp16_model": "m-fp16",
+        "vllm_python": None,
+        "llama_server": None,
+        "start_timeout_s": 1.0,
+        "timeline": False,
+        "progress": False,
+        "log_dir": tmp_path,
+    }
+    return Options(**(fields | given))  # type: ignore[arg-type]
+
+
 def test_without_a_llama_server_binary_the_row_is_skipped_and_says_how_to_build_it(tmp_path):
-    opts = Options(
-        plan=LoadPlan(),
-        registry=tmp_path,
-        awq_model="m",
-        fp16_model="m-fp16",
-        vllm_python=None,
-        llama_server=None,
-        start_timeout_s=1.0,
-        timeline=False,
-        progress=False,
-        log_dir=tmp_path,
-    )
+    opts = offline_options(tmp_path)
     result, timeline = run_system("llama-cpp", opts, tmp_path)
     assert (result.status, timeline) == ("skipped", None)
     assert "benchmarks/setup_llama_cpp.sh" in result.note
@@ -268,18 +274,7 @@ def test_outputs_carry_the_sweep_and_memory_in_the_json_and_add_the_sweep_plot(t
 def test_vllm_serves_the_fp16_folder_in_fp32_and_the_awq_artifact_in_bf16(tmp_path):
     awq, fp16, python = tmp_path / "awq", tmp_path / "fp16", tmp_path / "python"
     awq.mkdir(), fp16.mkdir(), python.touch()
-    opts = Options(
-        plan=LoadPlan(),
-        registry=tmp_path,
-        awq_model=str(awq),
-        fp16_model=str(fp16),
-        vllm_python=python,
-        llama_server=None,
-        start_timeout_s=1.0,
-        timeline=False,
-        progress=False,
-        log_dir=tmp_path,
-    )
+    opts = offline_options(tmp_path, awq_model=str(awq), fp16_model=str(fp16), vllm_python=python)
     for key, folder, dtype in (("vllm-cpu", fp16, "float32"), ("vllm-cpu-awq", awq, "bfloat16")):
         launch, model_dir = make_launch(key, opts, tmp_path)
         flags = dict(zip(launch.argv[3::2], launch.argv[4::2], strict=False))
