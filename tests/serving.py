@@ -83,10 +83,33 @@ def serve_app(
             deploy_config(args)
         else:
             serve.run(build_app(args), name=APP, route_prefix="/")
-        yield f"{'https' if http.get('ssl_certfile') else 'http'}://127.0.0.1:{port}"
+        url = f"{'https' if http.get('ssl_certfile') else 'http'}://127.0.0.1:{port}"
+        wait_until_ready(url, http.get("ssl_certfile"))
+        yield url
     finally:
         serve.shutdown()
         disconnect_ray()
+
+
+def wait_until_ready(url: str, certfile: str | None = None, timeout_s: float = 60) -> None:
+    """Until `/health` answers 200, as a load balancer's readiness probe waits. Serve calls an
+    app RUNNING when its replicas are; the router's readiness comes from its own look at the
+    controller, which once still read a just-started replica as missing (a 503 right after the
+    deploy returned, in a clean-clone CI run)."""
+    import ssl
+
+    import httpx
+
+    verify = ssl.create_default_context(cafile=certfile) if certfile else True
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while status != 200:
+        assert time.monotonic() < deadline, f"{url}/health never answered 200 (last: {status})"
+        time.sleep(0 if status is None else 0.5)
+        try:
+            status = httpx.get(f"{url}/health", verify=verify, timeout=10).status_code
+        except httpx.HTTPError:
+            status = 0
 
 
 def deploy_config(args: dict[str, Any], timeout_s: int = 600) -> None:
