@@ -100,16 +100,17 @@ def wait_until_ready(url: str, certfile: str | None = None, timeout_s: float = 6
 
     import httpx
 
+    from tests.streams import wait_until  # it imports this module
+
     verify = ssl.create_default_context(cafile=certfile) if certfile else True
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while status != 200:
-        assert time.monotonic() < deadline, f"{url}/health never answered 200 (last: {status})"
-        time.sleep(0 if status is None else 0.5)
+
+    def ready() -> bool:
         try:
-            status = httpx.get(f"{url}/health", verify=verify, timeout=10).status_code
+            return httpx.get(f"{url}/health", verify=verify, timeout=10).status_code == 200
         except httpx.HTTPError:
-            status = 0
+            return False
+
+    wait_until(ready, timeout_s, f"{url}/health to answer 200")
 
 
 def deploy_config(args: dict[str, Any], timeout_s: int = 600) -> None:
