@@ -639,17 +639,22 @@ def serve_max_model_len() -> int:
     return int(config["applications"][0]["args"]["models"][0].get("max_model_len", 2048))
 
 
+def peer_executable(path: Path | None, what: str, setup_script: str, flag: str) -> Path:
+    """A peer's program, built by its set-up script into its own folder; without it the peer's
+    row is skipped and says how to get it."""
+    if path is None:
+        raise StartError(f"skipped: no {what} (run benchmarks/{setup_script}, or pass {flag})")
+    if not path.exists():
+        raise StartError(f"skipped: {flag} {path} does not exist")
+    return path
+
+
 def make_launch(key: str, opts: Options, workdir: Path) -> tuple[Launch, Path]:
     """The launch of system `key` and the model folder it serves."""
     if key == "llama-cpp":
         return llama_cpp_launch(opts)
     if key in VLLM_SYSTEMS:
-        if opts.vllm_python is None:
-            raise StartError(
-                "skipped: no vLLM venv (run benchmarks/setup_vllm_cpu.sh, or pass --vllm-python)"
-            )
-        if not opts.vllm_python.exists():
-            raise StartError(f"skipped: --vllm-python {opts.vllm_python} does not exist")
+        peer_executable(opts.vllm_python, "vLLM venv", "setup_vllm_cpu.sh", "--vllm-python")
     ref = opts.fp16_model if key in ("awq-serve-fp16", "vllm-cpu") else opts.awq_model
     model_dir, name = resolve_model_dir(opts.registry, ref), served_name(ref)
     if key in ("awq-serve", "awq-serve-fp16", "awq-serve-variant"):
@@ -669,13 +674,9 @@ def llama_cpp_launch(opts: Options) -> tuple[Launch, Path]:
     """llama-server on the demo model's source GGUF: same weights, llama.cpp's own 4-bit format."""
     from quantization.demo_model import DEMO_GGUF, DemoModelMissing, demo_gguf_folder
 
-    binary = opts.llama_server
-    if binary is None:
-        raise StartError(
-            "skipped: no llama-server (run benchmarks/setup_llama_cpp.sh, or pass --llama-server)"
-        )
-    if not binary.exists():
-        raise StartError(f"skipped: --llama-server {binary} does not exist")
+    binary = peer_executable(
+        opts.llama_server, "llama-server", "setup_llama_cpp.sh", "--llama-server"
+    )
     try:
         gguf = demo_gguf_folder() / DEMO_GGUF
     except DemoModelMissing as exc:
