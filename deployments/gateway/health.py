@@ -2,7 +2,8 @@
 
 A model is ready while Serve's controller counts a RUNNING replica of its deployment; that count
 already follows the replicas' own health checks (`check_health`, run by Serve beside the request
-path). `HealthMonitor` refreshes it in the background every second or so (`serve.status()`) and
+path). `HealthMonitor` refreshes it in the background (`serve.status()`: every second while a
+model is not ready or its deployment is changing, every few seconds once all are healthy) and
 `/health` answers from that snapshot, so a replica busy decoding reads as ready in milliseconds
 instead of as a timeout behind its queue. Replica `info()` (source, node, memory, hardware,
 queue depth) is polled in the background at a low rate for the detailed body only.
@@ -89,19 +90,30 @@ async def serve_status(timeout_s: float = 5.0) -> Any:
         return await asyncio.to_thread(serve.status)
 
 
+def status_period(states: Mapping[str, ModelState], changing_s: float, steady_s: float) -> float:
+    """Seconds until the next `serve.status()`: `changing_s` while a model is not ready or its
+    deployment is not HEALTHY (starting, updating, scaling, failing), `steady_s` once every one
+    is. A call costs ~24 ms of CPU in the router and ~6 ms in the controller (measured on a
+    2-core host), cycles a replica on the same CPUs would otherwise decode with."""
+    steady = bool(states) and all(s.replicas and s.status == "HEALTHY" for s in states.values())
+    return steady_s if steady else changing_s
+
+
 class HealthMonitor:
-    """Background snapshots of readiness (every `status_period_s`) and of replica `info()`
-    (every `info_period_s`); `report` reads them and never waits on a replica."""
+    """Background snapshots of readiness (`status_period`) and of replica `info()` (every
+    `info_period_s`); `report` reads them and never waits on a replica."""
 
     def __init__(
         self,
         handles: Mapping[str, DeploymentHandle],
         status_period_s: float = 1.0,
         info_period_s: float = 5.0,
+        steady_status_period_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.handles = handles
         self.status_period_s = status_period_s
+        self.steady_status_period_s = steady_status_period_s
         self.info_period_s = info_period_s
         self._clock = clock
         self.states: dict[str, ModelState] = {name: ModelState(None) for name in handles}
@@ -116,9 +128,12 @@ class HealthMonitor:
             return
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._every(lambda: self.status_period_s, self.refresh_states)),
+            loop.create_task(self._every(self._status_period, self.refresh_states)),
             loop.create_task(self._every(self._info_period, self.refresh_infos)),
         ]
+
+    def _status_period(self) -> float:
+        return status_period(self.states, self.status_period_s, self.steady_status_period_s)
 
     def _info_period(self) -> float:
         # Quick until every model has answered once (replicas still loading), then slow.

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from deployments.gateway.health import (
     ModelState,
     controller_states,
     health_report,
+    status_period,
 )
 from deployments.logging_setup import configure_logging
 from deployments.metrics import EXPORTED_REPLICA_METRICS, UNKNOWN_MODEL, RouterMetrics
@@ -389,6 +391,16 @@ def test_health_monitor_rereads_the_controller_only_for_a_503_from_an_old_snapsh
     assert monitor._stale_refusal()  # an old one is confirmed first
     monitor.states = {"a": ModelState(1)}
     assert not monitor._stale_refusal()  # a 200 is answered from the snapshot, however old
+
+
+def test_controller_is_polled_slowly_only_while_every_model_is_ready_and_healthy() -> None:
+    period = partial(status_period, changing_s=1.0, steady_s=5.0)
+    assert period({"a": ModelState(2, "HEALTHY"), "b": ModelState(1, "HEALTHY")}) == 5.0
+    assert period({"a": ModelState(2, "HEALTHY"), "b": ModelState(0, "HEALTHY")}) == 1.0
+    assert period({"a": ModelState(2, "UPDATING")}) == 1.0  # a redeploy or a scale-up
+    assert period({"a": ModelState(1, "UNHEALTHY")}) == 1.0
+    assert period({"a": ModelState(None)}) == 1.0  # the controller has not answered yet
+    assert period({}) == 1.0
 
 
 def test_controller_states_count_running_replicas_per_model_deployment() -> None:
