@@ -167,6 +167,19 @@ class SlotKVCache:
             t[dst, :, :n] = t[src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
+    def permute(self, perm: list[int]) -> None:
+        """Slot i takes what slot perm[i] holds, for i < len(perm); only moved slots copy."""
+        moved = [i for i, j in enumerate(perm) if i != j]
+        if not moved:
+            return
+        dst = torch.tensor(moved, device=self.k[0].device)
+        src = torch.tensor([perm[i] for i in moved], device=dst.device)
+        n = max(self.lengths[perm[i]] for i in moved)
+        for t in self.k + self.v:
+            live = t[:, :, :n]
+            live.index_copy_(0, dst, live.index_select(0, src))  # the select copies first
+        self.lengths[: len(perm)] = [self.lengths[j] for j in perm]
+
 
 # Batch invariance: a token's attention must not depend on its batch-mates. CPU SDPA sums a
 # row's keys in an order that depends on how many keys the call has (even masked ones: 45 vs 48
@@ -252,24 +265,49 @@ def plan_attention(
 class DecodeGroup:
     """Decode rows that read the same number of cached keys, attended in one SDPA call."""
 
-    rows: torch.Tensor  # (count,) batch rows (= KV slots) of the group
+    rows: torch.Tensor | slice  # batch rows (= KV slots) of the group; a slice when contiguous
     keys: int
     mask: torch.Tensor  # (count, 1, 1, keys) 0 where a key is visible, -inf elsewhere
 
 
+def slot_order(buckets: list[int]) -> list[int]:
+    """A permutation that sorts slots by key bucket, moving only slots out of place: new slot
+    i takes old slot perm[i]. Sorted slots make each decode group a contiguous run of slots,
+    read as a view of the KV cache instead of a gathered copy."""
+    target = sorted(buckets)
+    perm = list(range(len(buckets)))
+    misplaced = [i for i, (b, t) in enumerate(zip(buckets, target, strict=True)) if b != t]
+    holders: dict[int, list[int]] = {}
+    for i in misplaced:
+        holders.setdefault(buckets[i], []).append(i)
+    for i in misplaced:
+        perm[i] = holders[target[i]].pop()
+    return perm
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """x's rows (dim 0): a view for a slice, else `index_select` (see `cached_keys`)."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
 def decode_plan(
-    pos: torch.Tensor, order: torch.Tensor, groups: tuple[tuple[int, int], ...], dtype: torch.dtype
+    pos: torch.Tensor,
+    order: torch.Tensor,
+    groups: tuple[tuple[int, int], ...],
+    dtype: torch.dtype,
+    contiguous: bool = False,
 ) -> list[DecodeGroup]:
     """A decode step's attention groups from device tensors alone (no host sync): pos (rows, 1),
     order (rows,) the rows sorted by group, groups ((keys, count), ...) in that order.
+    `contiguous`: order is 0..rows-1 (slots sorted by bucket), so each group is a slice.
 
     The masks are additive, made once a step: SDPA turns a boolean mask into exactly this with
     one `where` per call, i.e. per layer."""
     plan, start = [], 0
     for keys, count in groups:
-        rows = order[start : start + count]
+        rows = slice(start, start + count) if contiguous else order[start : start + count]
         visible = torch.arange(keys, device=pos.device).view(1, 1, 1, keys)
-        visible = visible <= pos[rows].view(count, 1, 1, 1)
+        visible = visible <= take_rows(pos, rows).view(count, 1, 1, 1)
         mask = torch.zeros(visible.shape, dtype=dtype, device=pos.device)
         plan.append(DecodeGroup(rows, keys, mask.masked_fill_(~visible, float("-inf"))))
         start += count
@@ -284,9 +322,7 @@ def cached_keys(cache: torch.Tensor, slots: torch.Tensor | slice, keys: int) -> 
     indexing takes a generic per-element path, 158 vs 23 us at 128 keys and 909 vs 80 us at 512
     for 8 of 32 demo slots (measured), twice a layer in every step whose rows span key buckets.
     """
-    if isinstance(slots, slice):
-        return cache[slots, :, :keys]
-    return cache[:, :, :keys].index_select(0, slots)
+    return take_rows(cache[:, :, :keys], slots)
 
 
 def one_query_attention(
@@ -441,6 +477,20 @@ class ModelRunner:
     def move(self, src: int, dst: int) -> None:
         """Move a sequence's KV from slot `src` to `dst` (keeps running slots 0..n-1)."""
         self.cache.move(src, dst)
+
+    def order_slots(self, n: int) -> list[int] | None:
+        """Sort running slots 0..n-1 by the key bucket of their next decode, so each of the
+        step's attention groups reads a view of the cache: new slot i holds old slot perm[i]
+        (returned, for the caller's own per-slot state), or None when nothing moved. A sequence
+        moves when it crosses into the next bucket (every KEY_BUCKET tokens) or arrives out of
+        order; with batch invariance off a step has one group and nothing moves."""
+        if not self.batch_invariant:
+            return None
+        perm = slot_order([key_bucket(p + 1, self.max_len) for p in self.cache.lengths[:n]])
+        if perm == list(range(n)):
+            return None
+        self.cache.permute(perm)
+        return perm
 
     def _attention(
         self,
@@ -604,13 +654,14 @@ class ModelRunner:
         positions = self.cache.lengths[:n]
         rows = self._decode_bucket(n)
         groups, order = self._decode_groups(positions, rows)
+        contiguous = order == list(range(rows))  # slots sorted by bucket (`order_slots`)
         pad = [0] * (rows - n)
         buf = self._decode_buffers(rows)
         buf.copy_(torch.tensor([tokens + pad, positions + pad, order]))
         # inference_mode is cheaper per op, but torch.compile refuses its tensors as inputs.
         grad_off = torch.no_grad if self.step_mode == "compile" else torch.inference_mode
         with grad_off():
-            step = self._step_fn(rows, groups)
+            step = self._step_fn(rows, groups, contiguous)
             logits = step(buf[0].view(rows, 1), buf[1].view(rows, 1), buf[2])
         for i in range(n):
             self.cache.lengths[i] += 1
@@ -655,17 +706,18 @@ class ModelRunner:
         return buf
 
     def _step_fn(
-        self, rows: int, groups: tuple[tuple[int, int], ...]
+        self, rows: int, groups: tuple[tuple[int, int], ...], contiguous: bool = False
     ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """The step for one static signature: eager, compiled, or a captured CUDA graph."""
-        step = partial(self._decode_step, groups=groups)
+        step = partial(self._decode_step, groups=groups, contiguous=contiguous)
         if self.step_mode == "eager":
             return step
         if self.step_mode == "compile":
-            return partial(self._decode_step, groups=groups, compiled=True)
-        graph = self._graphs.get((rows, groups))
+            return partial(step, compiled=True)
+        key = (rows, groups, contiguous)
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[(rows, groups)] = CapturedStep(step, self._decode_buffers(rows))
+            graph = self._graphs[key] = CapturedStep(step, self._decode_buffers(rows))
         return graph
 
     def _decode_step(
@@ -675,6 +727,7 @@ class ModelRunner:
         order: torch.Tensor,
         groups: tuple[tuple[int, int], ...],
         compiled: bool = False,
+        contiguous: bool = False,
     ) -> torch.Tensor:
         """ids, pos: (rows, 1), row i in slot i; order: (rows,) rows by group. Returns float32
         logits (rows, vocab). Static shapes for a given (rows, groups), no host synchronisation
@@ -684,7 +737,7 @@ class ModelRunner:
         oneDNN weight is opaque to inductor (it lowers that op only for weights it froze itself),
         and one call is no host overhead."""
         hidden = self._compiled_hidden if compiled else self._decode_hidden
-        return self._logits(hidden(ids, pos, order, groups))
+        return self._logits(hidden(ids, pos, order, groups, contiguous))
 
     def _decode_hidden(
         self,
@@ -692,6 +745,7 @@ class ModelRunner:
         pos: torch.Tensor,
         order: torch.Tensor,
         groups: tuple[tuple[int, int], ...],
+        contiguous: bool = False,
     ) -> torch.Tensor:
         """The decoder of `_decode_step`: final normed hidden states (rows, hidden). Activations
         stay 2-D (rows, hidden), so no step reshapes them around the matmuls."""
@@ -700,7 +754,7 @@ class ModelRunner:
         h = inner.embed_tokens(ids).view(rows, -1)
         rope = rope_tables(*inner.rotary_emb(h, pos))  # (rows, 1, head_dim): broadcast over heads
         index = self.cache.flat_index(self._slot_ids[:rows].view(rows, 1), pos)
-        plan = decode_plan(pos, order, groups, self.dtype)
+        plan = decode_plan(pos, order, groups, self.dtype, contiguous)
         for i, layer in enumerate(inner.layers):
             attn_in = rms_norm(layer.input_layernorm, h)
             h = h + self._decode_attention(layer, i, attn_in, rope, index, plan)
@@ -724,9 +778,19 @@ class ModelRunner:
             g = plan[0]
             out = one_query_attention(q, kc[:rows, :, : g.keys], vc[:rows, :, : g.keys], g.mask)
         else:
-            out = q.new_empty(q.shape)
-            for g in plan:
-                kg, vg = cached_keys(kc, g.rows, g.keys), cached_keys(vc, g.rows, g.keys)
-                qg = q.index_select(0, g.rows)
-                out.index_copy_(0, g.rows, one_query_attention(qg, kg, vg, g.mask))
+            parts = [
+                one_query_attention(
+                    take_rows(q, g.rows),
+                    cached_keys(kc, g.rows, g.keys),
+                    cached_keys(vc, g.rows, g.keys),
+                    g.mask,
+                )
+                for g in plan
+            ]
+            if all(isinstance(g.rows, slice) for g in plan):  # slices in row order
+                out = torch.cat(parts)
+            else:
+                out = q.new_empty(q.shape)
+                for g, part in zip(plan, parts, strict=True):
+                    out.index_copy_(0, g.rows, part)
         return self.o_proj[i](out.view(rows, -1))

@@ -393,6 +393,9 @@ class Engine:
         return group
 
     def _decode(self) -> None:
+        perm = self.runner.order_slots(len(self._running))
+        if perm is not None:
+            self._running = [self._running[j] for j in perm]
         tokens = [s.generated[-1] for s in self._running]
         logits = self.runner.decode(tokens)  # (n, vocab)
         self.stats.steps += 1

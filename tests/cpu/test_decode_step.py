@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from benchmarks.step_overhead import hollow_llama
-from deployments.engine.model_runner import ModelRunner, step_mode
+from deployments.engine.model_runner import ModelRunner, decode_plan, slot_order, step_mode
 
 VOCAB = 256
 # Sequence lengths across three key buckets (128, 256, 384), so one step has several groups.
@@ -55,6 +55,41 @@ def test_groups_follow_each_rows_key_bucket_and_padding_joins_row_0(model: nn.Mo
     assert order == [0, 2, 3, 1]
     runner.batch_invariant = False  # one group: the furthest row's keys
     assert runner._decode_groups([5, 130, 127], rows=3)[0] == ((131, 3),)
+
+
+def test_slot_order_sorts_by_bucket_moving_only_misplaced_slots() -> None:
+    assert slot_order([128, 128, 256]) == [0, 1, 2]
+    assert slot_order([128, 256, 128]) == [0, 2, 1]  # one swap, slot 0 stays
+    assert slot_order([384, 128, 256, 128]) == [3, 1, 2, 0]  # slots 1 and 2 stay
+    perm = slot_order([256, 384, 128, 128, 256, 128])
+    assert sorted(perm) == list(range(6))
+    assert [[256, 384, 128, 128, 256, 128][j] for j in perm] == [128, 128, 128, 256, 256, 384]
+
+
+def test_ordered_slots_decode_the_same_logits_with_views_instead_of_copies(
+    model: nn.Module,
+) -> None:
+    """Sequences sorted by bucket keep their KV and give bit-for-bit the logits they give
+    unsorted (each row's attention call has the same shape), and the step's groups are slices."""
+    n = 6
+    plain, ordered = prefilled(model, n), prefilled(model, n)
+    perm = ordered.order_slots(n)
+    assert perm is not None and perm != list(range(n))
+    assert ordered.order_slots(n) is None  # already sorted
+    assert ordered.cache.lengths[:n] == [LENGTHS[j] for j in perm]
+    groups, order = ordered._decode_groups(ordered.cache.lengths[:n], rows=n)
+    assert len(groups) > 1 and order == list(range(n))
+    want = plain.decode(tokens(n))
+    got = ordered.decode([tokens(n)[j] for j in perm])
+    torch.testing.assert_close(got, want[perm], atol=0, rtol=0)
+    plan = decode_plan(
+        torch.tensor(LENGTHS[:n]).view(n, 1),
+        torch.arange(n),
+        groups,
+        torch.float32,
+        contiguous=True,
+    )
+    assert all(isinstance(g.rows, slice) for g in plan)
 
 
 def test_decode_step_traces_as_one_graph_without_breaks(model: nn.Module) -> None:
