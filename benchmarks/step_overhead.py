@@ -10,6 +10,7 @@ prefilled to `--context` tokens.
 
     python -m benchmarks.step_overhead                 # table of ms/step
     python -m benchmarks.step_overhead --profile 10    # plus top ops by self CPU time
+    python -m benchmarks.step_overhead --context 60 --context-step 9   # staggered lengths
 """
 
 from __future__ import annotations
@@ -63,21 +64,27 @@ class StepTiming:
     p90_ms: float
 
 
-def prepared_runner(model: nn.Module, batch: int, context: int, **runner_kw) -> ModelRunner:
-    """A runner whose slots 0..batch-1 hold `context` prefilled tokens each."""
+def prepared_runner(
+    model: nn.Module, batch: int, context: int, context_step: int = 0, **runner_kw
+) -> ModelRunner:
+    """A runner whose slot i (< batch) holds `context + i * context_step` prefilled tokens: one
+    length, or lengths staggered over several key buckets as under a stream of requests."""
     runner = ModelRunner(model, max_slots=max(batch, 16), max_len=2048, **runner_kw)
     vocab = model.config.vocab_size
-    prompts = [[(7 * i + 13 * j) % vocab for j in range(context)] for i in range(batch)]
+    lengths = [context + i * context_step for i in range(batch)]
+    prompts = [[(7 * i + 13 * j) % vocab for j in range(n)] for i, n in enumerate(lengths)]
     runner.prefill(0, prompts)
     return runner
 
 
 def time_decode(runner: ModelRunner, batch: int, steps: int, warmup: int) -> list[float]:
-    """Wall time of each of `steps` decode steps (after `warmup`), in ms."""
+    """Wall time of each of `steps` decode steps (after `warmup`), in ms; each step keeps the
+    slots sorted by key bucket first, as the scheduler does."""
     tokens = [1] * batch
     out = []
     for k in range(warmup + steps):
         t0 = time.perf_counter()
+        runner.order_slots(batch)
         runner.decode(tokens)
         if k >= warmup:
             out.append((time.perf_counter() - t0) * 1e3)
@@ -98,6 +105,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--context", type=int, default=64, help="prefilled tokens per sequence")
+    ap.add_argument(
+        "--context-step", type=int, default=0, help="sequence i gets context + i * this"
+    )
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-demo", action="store_true", help="hollow model only")
@@ -114,7 +124,7 @@ def main() -> None:
     rows, profiles = [], []
     for name, model in models:
         for batch in args.batches:
-            runner = prepared_runner(model, batch, args.context, **runner_kw)
+            runner = prepared_runner(model, batch, args.context, args.context_step, **runner_kw)
             ms = time_decode(runner, batch, args.steps, args.warmup)
             rows.append(
                 StepTiming(name, batch, statistics.median(ms), statistics.quantiles(ms, n=10)[-1])
@@ -122,7 +132,8 @@ def main() -> None:
             if args.profile:
                 profiles.append((name, batch, profile_decode(runner, batch, args.profile, 15)))
     print(
-        f"threads={torch.get_num_threads()} context={args.context} steps={args.steps} "
+        f"threads={torch.get_num_threads()} context={args.context}+i*{args.context_step} "
+        f"steps={args.steps} "
         f"decode_step={args.decode_step}"
     )
     print(f"{'model':<24} {'batch':>5} {'median ms/step':>15} {'p90 ms/step':>12}")
