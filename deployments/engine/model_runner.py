@@ -162,23 +162,25 @@ class SlotKVCache:
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into `dst` (used to keep the running set contiguous)."""
-        n = self.lengths[src]
-        for t in self.k + self.v:
-            t[dst, :, :n] = t[src, :, :n]
-        self.lengths[dst], self.lengths[src] = n, 0
+        self._copy_slots([src], [dst])
+        self.lengths[dst], self.lengths[src] = self.lengths[src], 0
 
     def permute(self, perm: list[int]) -> None:
         """Slot i takes what slot perm[i] holds, for i < len(perm); only moved slots copy."""
         moved = [i for i, j in enumerate(perm) if i != j]
-        if not moved:
-            return
-        dst = torch.tensor(moved, device=self.k[0].device)
-        src = torch.tensor([perm[i] for i in moved], device=dst.device)
-        n = max(self.lengths[perm[i]] for i in moved)
+        if moved:
+            self._copy_slots([perm[i] for i in moved], moved)
+            self.lengths[: len(perm)] = [self.lengths[j] for j in perm]
+
+    def _copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Every layer's K/V of slots `src` into slots `dst`, up to the longest one's length.
+        The select copies before the write, so the two lists may share slots."""
+        n = max(self.lengths[j] for j in src)
+        to = torch.tensor(dst, device=self.k[0].device)
+        source = torch.tensor(src, device=to.device)
         for t in self.k + self.v:
             live = t[:, :, :n]
-            live.index_copy_(0, dst, live.index_select(0, src))  # the select copies first
-        self.lengths[: len(perm)] = [self.lengths[j] for j in perm]
+            live.index_copy_(0, to, live.index_select(0, source))
 
 
 # Batch invariance: a token's attention must not depend on its batch-mates. CPU SDPA sums a
@@ -691,7 +693,9 @@ class ModelRunner:
             keys = [max(positions) + 1] * len(positions)
         else:
             keys = [key_bucket(max(positions) + 1, self.max_len)] * len(positions)
-        keys += [keys[0]] * (rows - len(positions))  # padding rows (position 0) join row 0
+        # Padding rows (position 0, slots n..) join the widest group, which sorts last, so
+        # slots sorted by bucket stay contiguous with them.
+        keys += [max(keys)] * (rows - len(positions))
         order = sorted(range(rows), key=keys.__getitem__)
         counts: dict[int, int] = {}
         for i in order:
@@ -774,23 +778,21 @@ class ModelRunner:
         rows = h.shape[0]
         q, kc, vc = self._project_and_cache(layer, i, h, rope, index)  # q: (rows, heads, hd)
         q = q.unsqueeze(2)  # (rows, heads, 1, hd): one query each
-        if len(plan) == 1:  # every row reads the same keys: slots 0..rows-1 as they are
-            g = plan[0]
-            out = one_query_attention(q, kc[:rows, :, : g.keys], vc[:rows, :, : g.keys], g.mask)
+        parts = [
+            one_query_attention(
+                take_rows(q, g.rows),
+                cached_keys(kc, g.rows, g.keys),
+                cached_keys(vc, g.rows, g.keys),
+                g.mask,
+            )
+            for g in plan
+        ]
+        if len(parts) == 1:  # one group is every row, in order: a slice 0..rows
+            out = parts[0]
+        elif all(isinstance(g.rows, slice) for g in plan):  # slices in row order
+            out = torch.cat(parts)
         else:
-            parts = [
-                one_query_attention(
-                    take_rows(q, g.rows),
-                    cached_keys(kc, g.rows, g.keys),
-                    cached_keys(vc, g.rows, g.keys),
-                    g.mask,
-                )
-                for g in plan
-            ]
-            if all(isinstance(g.rows, slice) for g in plan):  # slices in row order
-                out = torch.cat(parts)
-            else:
-                out = q.new_empty(q.shape)
-                for g, part in zip(plan, parts, strict=True):
-                    out.index_copy_(0, g.rows, part)
+            out = q.new_empty(q.shape)
+            for g, part in zip(plan, parts, strict=True):
+                out.index_copy_(0, g.rows, part)
         return self.o_proj[i](out.view(rows, -1))

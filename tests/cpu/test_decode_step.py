@@ -48,11 +48,14 @@ def test_decode_step_equals_the_general_forward_bit_for_bit(
     assert runner.cache.lengths[:n] == [p + 1 for p in positions]
 
 
-def test_groups_follow_each_rows_key_bucket_and_padding_joins_row_0(model: nn.Module) -> None:
+def test_groups_follow_each_rows_key_bucket_and_padding_joins_the_widest(
+    model: nn.Module,
+) -> None:
     runner = prefilled(model, 1)
     groups, order = runner._decode_groups([5, 130, 127], rows=4)
-    assert groups == ((128, 3), (256, 1))
-    assert order == [0, 2, 3, 1]
+    assert groups == ((128, 2), (256, 2))
+    assert order == [0, 2, 1, 3]
+    assert runner._decode_groups([5, 127, 130], rows=4)[1] == [0, 1, 2, 3]  # sorted: slices
     runner.batch_invariant = False  # one group: the furthest row's keys
     assert runner._decode_groups([5, 130, 127], rows=3)[0] == ((131, 3),)
 
