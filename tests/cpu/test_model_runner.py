@@ -15,6 +15,7 @@ from deployments.engine.model_runner import (
     lm_head_dtype,
     load_model,
     output_projection,
+    zeroed,
 )
 from deployments.engine.prefix_cache import PrefixCache
 
@@ -132,3 +133,13 @@ def test_prepacked_output_projection_computes_the_plain_linear() -> None:
     half, _ = output_projection(head, torch.bfloat16, torch.device("cpu"), batch_hint=16)
     assert half(h).dtype == torch.bfloat16
     torch.testing.assert_close(half(h).float(), want, atol=0.05, rtol=0.02)
+
+
+def test_zeroed_cpu_tensors_read_as_zeros_take_writes_and_share_nothing() -> None:
+    cpu = torch.device("cpu")
+    a, b = (zeroed((4, 3, 8, 2), torch.float32, cpu) for _ in range(2))
+    assert a.shape == (4, 3, 8, 2) and a.dtype == torch.float32 and a.is_contiguous()
+    assert torch.equal(a, torch.zeros_like(a))
+    a[1, :, 2] = 5.0
+    assert a.sum().item() == 5.0 * 3 * 2 and b.abs().sum().item() == 0.0
+    assert zeroed((3,), torch.bfloat16, cpu).dtype == torch.bfloat16
