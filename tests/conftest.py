@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import fresh_runs
+
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = REPO / "models"
 DEMO = "smollm2-135m-instruct"
@@ -86,7 +88,29 @@ SLOW_FIXTURES = frozenset(
 )
 
 
+FRESH_TEST = "test_module_passes_in_a_fresh_interpreter"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # Last: each waits for its module in the lane beside the suite (tests/fresh_runs.py).
+    items.sort(key=lambda item: getattr(item, "originalname", "") == FRESH_TEST)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the lane of fresh-interpreter modules now, so their waits overlap the suite."""
+    if session.config.option.collectonly:
+        return
+    fresh_runs.start(
+        [
+            item.callspec.params["module"]
+            for item in session.items
+            if getattr(item, "originalname", "") == FRESH_TEST
+        ]
+    )
+
+
+def pytest_sessionfinish() -> None:
+    fresh_runs.stop()

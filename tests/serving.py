@@ -76,7 +76,14 @@ def serve_app(
     args["audit"] = {"enabled": True, "path": str(audit_path)}
     port = free_port()
     http = {"host": "127.0.0.1", "port": port, **(http_options or {})}
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, **(ray_options or {}))
+    # "local": a cluster of its own, never one a `ray start` on this machine recorded.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        **(ray_options or {}),
+    )
     try:
         serve.start(http_options=http)
         if from_config:
