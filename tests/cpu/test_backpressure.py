@@ -39,14 +39,15 @@ def detail(base_url: str) -> Callable[[], dict[str, Any]]:
     return lambda: httpx.get(base_url + "/health?detail=1", timeout=30).json()
 
 
-def running(base_url: str) -> int:
-    # The detail's queue depth is as the router last polled it (every few seconds).
-    return detail(base_url)()["models"][CHAT]["running"]
+def running(base_url: str) -> int | None:
+    # The detail's queue depth is as the router last polled it (every few seconds); None until
+    # a poll has reached the replica (the first ones can land while it is loading or full).
+    return detail(base_url)()["models"][CHAT].get("running")
 
 
-def wait_idle(base_url: str, deadline_s: float = 15) -> int:
+def wait_idle(base_url: str, deadline_s: float = 30) -> int | None:
     end = time.monotonic() + deadline_s
-    while (n := running(base_url)) and time.monotonic() < end:
+    while (n := running(base_url)) != 0 and time.monotonic() < end:
         time.sleep(0.2)
     return n
 
