@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -146,3 +147,9 @@ def health_detail(
         assert time.monotonic() < deadline, f"/health detail never matched: {entry}"
         time.sleep(0.5)
     return entry
+
+
+def audit_records(path: Path) -> dict[str, dict[str, Any]]:
+    """The app's audit log as records by request id (none yet: empty)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {r["request_id"]: r for r in map(json.loads, lines)}

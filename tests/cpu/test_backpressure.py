@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving import CHAT, health_detail, serve_app
+from tests.serving import CHAT, audit_records, health_detail, serve_app
 from tests.streams import wait_until
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
@@ -85,11 +84,6 @@ def test_request_over_the_deadline_gets_504_json_and_frees_its_slot(base_url: st
     wait_idle(base_url)
 
 
-def audit_record(audit: Path, request_id: str) -> dict[str, Any] | None:
-    lines = audit.read_text().splitlines() if audit.exists() else []
-    return next((r for r in map(json.loads, lines) if r["request_id"] == request_id), None)
-
-
 def test_client_disconnect_stops_generation_within_seconds(base_url: str, audit: Path) -> None:
     body = {**LONG, "max_tokens": 1800, "stream": True}
     seen_running = False
@@ -104,8 +98,8 @@ def test_client_disconnect_stops_generation_within_seconds(base_url: str, audit:
     assert seen_running, "the stream never showed as running"
     # The disconnect ended it (499), before the app's deadline would have (504). The detail
     # lags by its poll period, so it only shows the slot freed afterwards.
-    wait_until(lambda: audit_record(audit, request_id) is not None, 30, "the audit line")
-    record = audit_record(audit, request_id)
+    wait_until(lambda: audit_records(audit).get(request_id) is not None, 30, "the audit line")
+    record = audit_records(audit).get(request_id)
     assert record["status"] == 499, record
     assert record["latency_ms"] < DEADLINE_S * 1000, record
     wait_idle(base_url)

@@ -10,7 +10,6 @@ used for that: Serve's own HTTP server believes X-Forwarded-For from loopback 12
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import CHAT, health_detail, serve_app
+from tests.serving import CHAT, audit_records, health_detail, serve_app
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
@@ -47,11 +46,9 @@ class App:
         return self.client(PROXY, **{"X-Forwarded-For": ip})
 
     def audited_ip(self, request_id: str) -> str:
-        for line in self.audit.read_text().splitlines():
-            record = json.loads(line)
-            if record["request_id"] == request_id:
-                return record["client_ip"]
-        raise AssertionError(f"no audit line for {request_id}")
+        record = audit_records(self.audit).get(request_id)
+        assert record is not None, f"no audit line for {request_id}"
+        return record["client_ip"]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from deployments.gateway.admission import estimate_prompt_tokens
 from deployments.gateway.auth import create_key
 from deployments.gateway.router import VARIANT_HEADER
 from deployments.gateway.traffic import TrafficSplit, choose_variant
-from tests.serving import APP, CHAT, REPO, health_detail, serve_app
+from tests.serving import APP, CHAT, REPO, audit_records, health_detail, serve_app
 
 pytestmark = pytest.mark.slow  # starts Ray Serve with the demo model
 
@@ -161,10 +161,6 @@ def ask_alias(gw: Gateway, users: list[str]) -> list[httpx.Response]:
 
 def variants_of(gw: Gateway, users: list[str]) -> list[str]:
     return [r.headers[VARIANT_HEADER] for r in ask_alias(gw, users)]
-
-
-def audit_lines(gw: Gateway) -> list[dict]:
-    return [json.loads(line) for line in gw.audit.read_text().splitlines()]
 
 
 # ---- TLS and auth ----------------------------------------------------------------------------
@@ -312,7 +308,7 @@ def test_audit_log_has_every_request_but_never_keys_or_prompt_text(gw) -> None:
     text = gw.audit.read_text()
     assert all(secret not in text for secret in gw.keys.values())
     assert "zebra-quartz" not in text
-    by_id = {line["request_id"]: line for line in audit_lines(gw)}
+    by_id = audit_records(gw.audit)
     ok = by_id[r.headers["x-request-id"]]
     assert (ok["key_id"], ok["model"], ok["status"]) == ("full", AWQ, 200)
     assert ok["prompt_tokens"] > 0 and ok["completion_tokens"] == 1
@@ -328,7 +324,7 @@ def test_alias_splits_90_10_sticky_per_user_with_variant_in_header_and_audit(gw)
     assert 0.05 <= share <= 0.15, share
     assert variants == [choose_variant(SPLIT, f"{ALIAS}:{u}") for u in users]
     assert variants_of(gw, users[:40]) == variants[:40], "a user keeps their variant"
-    audited = {line["request_id"]: line["variant"] for line in audit_lines(gw)}
+    audited = {request_id: r["variant"] for request_id, r in audit_records(gw.audit).items()}
     assert [audited[r.headers["x-request-id"]] for r in responses] == variants
 
 
