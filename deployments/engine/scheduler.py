@@ -67,8 +67,8 @@ class EngineConfig:
     # A greedy answer independent of batch-mates (fixed-shape attention and dense matmul calls).
     batch_invariant: bool = True
     # How a decode step runs (ModelRunner `decode_step`): auto = a captured CUDA graph on CUDA,
-    # eager on CPU; `compile` (torch.compile, CPU or CUDA) compiles for ~70 s per batch bucket
-    # and key layout on 2 cores, so it is opt-in.
+    # the native C++ step on CPU (eager where it cannot run); `compile` (torch.compile, CPU or
+    # CUDA) compiles for ~70 s per batch bucket and key layout on 2 cores, so it is opt-in.
     decode_step: str = "auto"
 
 
@@ -163,6 +163,8 @@ class Engine:
             "device": str(self.device),
             "cpu": cpu_features(),
             "kernels": kernel_paths(self.model, self.runner.lm_head_path, cfg.batch_invariant),
+            "decode_step": self.runner.step_mode,
+            **({"native_unavailable": r} if (r := self.runner.native_unavailable) else {}),
         }
         log.info("hardware and kernel paths: %s", self.hardware)
         self.eos_ids = self._eos_ids()

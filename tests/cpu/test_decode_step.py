@@ -22,6 +22,9 @@ def model() -> nn.Module:
 
 
 def prefilled(model: nn.Module, n: int, **kw: object) -> ModelRunner:
+    """A runner with the first n of LENGTHS prefilled; the Python step unless `decode_step` is
+    given (this module tests that step; the native one is `test_native_step.py`'s)."""
+    kw.setdefault("decode_step", "eager")
     runner = ModelRunner(model, max_slots=16, max_len=512, **kw)
     prompts = [[(3 * i + j) % VOCAB for j in range(length)] for i, length in enumerate(LENGTHS)]
     runner.prefill(0, prompts[:n])
@@ -115,13 +118,15 @@ def test_compiled_mode_pads_to_power_of_two_buckets(model: nn.Module) -> None:
     assert [runner._decode_bucket(n) for n in (1, 2, 3, 5, 9, 12)] == [1, 2, 4, 8, 12, 12]
 
 
-def test_step_mode_auto_is_eager_on_cpu_and_graphs_need_cuda() -> None:
+def test_step_mode_auto_is_native_on_cpu_and_graphs_need_cuda() -> None:
     cpu = torch.device("cpu")
-    assert step_mode("auto", cpu) == "eager"
+    assert step_mode("auto", cpu) == "native"
     assert step_mode("auto", torch.device("cuda")) == "cuda_graph"
     assert step_mode("compile", cpu) == "compile"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         step_mode("cuda_graph", cpu)
+    with pytest.raises(ValueError, match="a CPU step"):
+        step_mode("native", torch.device("cuda"))
     with pytest.raises(ValueError, match="must be auto"):
         step_mode("graphs", cpu)
 

@@ -1,0 +1,161 @@
+"""The native CPU decode step (one C++ call for the decoder) computes what the Python step
+computes, keeps a row's logits independent of its batch-mates, writes the same KV cache, and
+steps aside (eager) for models it does not cover. Its dense kernel is checked on its own: exact
+16-bit storage, float64-close sums, and rows independent of how many share a call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.step_overhead import hollow_llama
+from deployments.engine.model_runner import ModelRunner
+from deployments.engine.native_step import (
+    NativeUnavailable,
+    exact_16bit_head,
+    load_extension,
+    narrowest_exact,
+)
+from tests.cpu.test_hf_parity import tiny_qwen3
+
+VOCAB = 256
+# Lengths across key buckets of the Python step (128, 256, 384): the native step has no buckets.
+LENGTHS = [5, 130, 127, 128, 3, 260, 40, 1, 9, 300, 126, 255, 256, 7, 8, 11]
+
+
+def tiny_qwen2() -> nn.Module:
+    """Qwen2 wiring: q/k/v projections with biases, so the native step's bias path runs."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # nonzero biases, so a bias left out or added twice shows
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def tiny_llama_hd64() -> nn.Module:
+    """Head size 64, one of the sizes the native attention has a register-resident path for."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+MODELS = {
+    "llama-hd4": lambda: hollow_llama(layers=2, vocab=VOCAB),  # the generic attention path
+    "llama-hd64": tiny_llama_hd64,
+    "qwen3-qk-norm": lambda: tiny_qwen3(vocab=VOCAB),  # head_dim 16
+    "qwen2-bias": tiny_qwen2,  # head_dim 16
+}
+
+
+def prefilled(model: nn.Module, n: int, mode: str) -> ModelRunner:
+    runner = ModelRunner(model, max_slots=16, max_len=512, decode_step=mode)
+    prompts = [[(3 * i + j) % VOCAB for j in range(length)] for i, length in enumerate(LENGTHS)]
+    runner.prefill(0, prompts[:n])
+    return runner
+
+
+def tokens(n: int, step: int) -> list[int]:
+    return [(11 * i + 5 + 7 * step) % VOCAB for i in range(n)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("n", [1, 5, 16])
+def test_native_step_follows_the_python_step(name: str, n: int) -> None:
+    """Same logits up to summation order (fp32 throughout), step after step, so the keys and
+    values the native step writes are the ones the Python step would have written."""
+    model = MODELS[name]()
+    native, eager = prefilled(model, n, "native"), prefilled(model, n, "eager")
+    assert native.step_mode == "native"
+    for step in range(4):
+        want, got = eager.decode(tokens(n, step)), native.decode(tokens(n, step))
+        assert got.shape == want.shape == (n, VOCAB)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert native.cache.lengths == eager.cache.lengths
+    caches = zip(native.cache.k + native.cache.v, eager.cache.k + eager.cache.v, strict=True)
+    for i, (kn, ke) in enumerate(caches):
+        torch.testing.assert_close(kn, ke, atol=2e-5, rtol=1e-5, msg=f"cache tensor {i}")
+
+
+def test_native_row_is_bit_equal_alone_and_among_batch_mates() -> None:
+    """A row's logits do not depend on which rows share its step or how long they are."""
+    model = MODELS["qwen3-qk-norm"]()
+    alone = ModelRunner(model, max_slots=16, max_len=512, decode_step="native")
+    prompt = [(5 * j + 1) % VOCAB for j in range(40)]
+    alone.prefill(0, [prompt])
+    want = [alone.decode([t]) for t in (3, 9, 27)]
+    for size, row in ((2, 1), (7, 3), (16, 15)):
+        batch = ModelRunner(model, max_slots=16, max_len=512, decode_step="native")
+        others = [[(i + j) % VOCAB for j in range(LENGTHS[i] + 1)] for i in range(size)]
+        others[row] = prompt
+        batch.prefill(0, others)
+        for step, t in enumerate((3, 9, 27)):
+            feed = tokens(size, step)
+            feed[row] = t
+            got = batch.decode(feed)[row : row + 1]
+            assert torch.equal(got, want[step]), f"batch of {size}, step {step}"
+
+
+def test_auto_falls_back_to_eager_for_a_model_the_native_step_does_not_cover() -> None:
+    model = hollow_llama(layers=2, vocab=VOCAB)
+    model.config.hidden_act = "gelu"  # the native MLP is SiLU only
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.GELU()
+    runner = ModelRunner(model, max_slots=2, max_len=64)
+    assert runner.step_mode == "eager"
+    assert "SiLU" in runner.native_unavailable
+    with pytest.raises(NativeUnavailable, match="SiLU"):
+        ModelRunner(model, max_slots=2, max_len=64, decode_step="native")
+
+
+@pytest.mark.parametrize("fmt", [torch.float32, torch.float16, torch.bfloat16])
+def test_dense_kernel_is_close_to_float64_and_rows_do_not_depend_on_batch_mates(fmt) -> None:  # type: ignore[no-untyped-def]
+    ext = load_extension()
+    torch.manual_seed(0)
+    weight = (torch.randn(70, 131) * 0.1).to(fmt)  # neither size a multiple of 16
+    bias = torch.randn(70)
+    x = torch.randn(19, 131)
+    packed = ext.pack_dense(weight)
+    got = ext.dense(x, packed, 70, bias)
+    want = x.double() @ weight.double().T + bias.double()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    for rows in (1, 2, 8, 9, 17):
+        part = ext.dense(x[:rows].clone(), packed, 70, bias)
+        assert torch.equal(part, got[:rows]), rows
+
+
+def test_weights_are_stored_in_the_narrowest_format_that_holds_them_exactly() -> None:
+    torch.manual_seed(0)
+    w32 = torch.randn(64, 32)
+    assert narrowest_exact(w32).dtype == torch.float32
+    assert narrowest_exact(w32.half().float()).dtype == torch.float16
+    assert narrowest_exact(w32.bfloat16().float()).dtype == torch.bfloat16
+    with pytest.raises(NativeUnavailable, match="need fp32"):
+        exact_16bit_head(w32)
+    head, name = exact_16bit_head(w32.half().float())
+    assert name == "native float16-stored, fp32 math"
+    h = torch.randn(3, 32)
+    torch.testing.assert_close(head(h), h @ w32.half().float().T, atol=1e-5, rtol=1e-5)
