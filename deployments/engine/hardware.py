@@ -47,7 +47,9 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
     }
 
 
-def kernel_paths(model: nn.Module, lm_head: str, batch_invariant: bool) -> dict[str, Any]:
+def kernel_paths(
+    model: nn.Module, lm_head: str, batch_invariant: bool, decode_step: str
+) -> dict[str, Any]:
     """Linear kernel classes by count, the output projection's path, attention, invariance."""
     linears = Counter(
         type(m).__name__
@@ -57,6 +59,13 @@ def kernel_paths(model: nn.Module, lm_head: str, batch_invariant: bool) -> dict[
     return {
         "linear": dict(linears),
         "lm_head": lm_head,
-        "attention": ("sdpa; decode: batched matmuls" if model.device.type == "cpu" else "sdpa"),
+        "attention": attention_path(model.device.type, decode_step),
         "batch_invariant": batch_invariant,
     }
+
+
+def attention_path(device_type: str, decode_step: str) -> str:
+    if device_type != "cpu":
+        return "sdpa"
+    decode = "fused native kernel" if decode_step == "native" else "batched matmuls"
+    return f"sdpa; decode: {decode}"

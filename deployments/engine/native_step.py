@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,7 @@ from torch import nn
 from deployments.engine.fused_projections import Projection, _DenseFused, _Int4CpuFused
 
 SOURCE = Path(__file__).parent / "native" / "decode_cpu.cpp"
+STALE_LOCK_S = 600.0  # a build takes ~40 s on 2 cores
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +50,21 @@ def machine_tag() -> str:
     return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
 
 
+def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove a build lock older than any build takes. torch waits on the lock file for as long
+    as it exists, so a build killed mid-way (Ctrl-C in `make setup`, a replica killed while
+    building) would leave every later start waiting forever."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    log.warning("removing a native build lock left %.0f s ago: %s", age, lock)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.cache
 def load_extension() -> ModuleType:
     """Build (or load the cached build of) the extension. Raises NativeUnavailable."""
@@ -56,6 +73,7 @@ def load_extension() -> ModuleType:
     name = f"awq_serve_decode_{machine_tag()}"
     build_dir = Path(sys.prefix) / "awq-serve-native" / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(build_dir / "lock")
     try:
         return load(
             name=name,

@@ -162,7 +162,9 @@ class Engine:
         self.hardware = {
             "device": str(self.device),
             "cpu": cpu_features(),
-            "kernels": kernel_paths(self.model, self.runner.lm_head_path, cfg.batch_invariant),
+            "kernels": kernel_paths(
+                self.model, self.runner.lm_head_path, cfg.batch_invariant, self.runner.step_mode
+            ),
             "decode_step": self.runner.step_mode,
             **({"native_unavailable": r} if (r := self.runner.native_unavailable) else {}),
         }

@@ -5,6 +5,9 @@ steps aside (eager) for models it does not cover. Its dense kernel is checked on
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +16,7 @@ from benchmarks.step_overhead import hollow_llama
 from deployments.engine.model_runner import ModelRunner
 from deployments.engine.native_step import (
     NativeUnavailable,
+    clear_stale_lock,
     exact_16bit_head,
     load_extension,
     narrowest_exact,
@@ -117,6 +121,18 @@ def test_native_row_is_bit_equal_alone_and_among_batch_mates() -> None:
             feed[row] = t
             got = batch.decode(feed)[row : row + 1]
             assert torch.equal(got, want[step]), f"batch of {size}, step {step}"
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_once_stale(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lock = tmp_path / "lock"
+    assert not clear_stale_lock(lock)  # none there
+    lock.touch()
+    assert not clear_stale_lock(lock, max_age_s=60)  # a build may be running
+    assert lock.exists()
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(lock, max_age_s=60)
+    assert not lock.exists()
 
 
 def test_auto_falls_back_to_eager_for_a_model_the_native_step_does_not_cover() -> None:

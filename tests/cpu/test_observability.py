@@ -288,6 +288,11 @@ def test_health_reports_readiness_replicas_and_queue_depth(app, traffic) -> None
         until=lambda m: (m.get("running"), m.get("waiting")) == (0, 0),
     )
     assert model["ready"] is True and model["healthy"] is True and model["replicas"] == 1
+    # The replica says how it decodes: the native CPU step, and the demo's fp16-saved lm_head
+    # stored in 16 bits with fp32 math (an empty reason: nothing fell back).
+    assert model["hardware"]["decode_step"] == "native", model["hardware"]
+    assert "native_unavailable" not in model["hardware"]
+    assert model["hardware"]["kernels"]["lm_head"] == "native float16-stored, fp32 math"
 
 
 def test_json_logs_carry_the_request_id_from_router_to_replica(app, traffic) -> None:
