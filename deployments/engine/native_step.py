@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -83,7 +84,7 @@ def load_extension() -> ModuleType:
             build_directory=str(build_dir),
             verbose=False,
         )
-    except (OSError, RuntimeError, ImportError) as e:  # no compiler, a failed build
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:  # no compiler
         raise NativeUnavailable(f"native decode step not built: {e}") from e
 
 

@@ -28,21 +28,22 @@ VOCAB = 256
 LENGTHS = [5, 130, 127, 128, 3, 260, 40, 1, 9, 300, 126, 255, 256, 7, 8, 11]
 
 
-def tiny_qwen2() -> nn.Module:
-    """Qwen2 wiring: q/k/v projections with biases, so the native step's bias path runs."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_decoder(family: str, **shape: int) -> nn.Module:
+    """A 2-layer random-weight decoder of a transformers model family, in fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+    cfg = AutoConfig.for_model(
+        family, vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=512, **shape
     )
-    model = Qwen2ForCausalLM(cfg).eval()
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_qwen2() -> nn.Module:
+    """Qwen2 wiring: q/k/v projections with biases, so the native step's bias path runs."""
+    model = tiny_decoder(
+        "qwen2", hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2
+    )
     with torch.no_grad():  # nonzero biases, so a bias left out or added twice shows
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -52,19 +53,13 @@ def tiny_qwen2() -> nn.Module:
 
 def tiny_llama_hd64() -> nn.Module:
     """Head size 64, one of the sizes the native attention has a register-resident path for."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
+    return tiny_decoder(
+        "llama",
         hidden_size=128,
         intermediate_size=160,
-        num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=512,
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 MODELS = {
@@ -133,6 +128,27 @@ def test_a_lock_left_by_a_killed_build_is_removed_once_stale(tmp_path) -> None: 
     os.utime(lock, (old, old))
     assert clear_stale_lock(lock, max_age_s=60)
     assert not lock.exists()
+
+
+def test_without_the_built_extension_the_runner_steps_eagerly_with_an_fp32_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A machine with no C++ compiler: the runner says why and decodes with the Python step,
+    and an fp16-exact head stays fp32 (oneDNN) instead of failing."""
+    import deployments.engine.native_step as native_step
+
+    def no_compiler() -> None:
+        raise NativeUnavailable("native decode step not built: no C++ compiler")
+
+    monkeypatch.setattr(native_step, "load_extension", no_compiler)
+    model = hollow_llama(layers=2, vocab=VOCAB)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.lm_head.weight.half().float())
+    runner = ModelRunner(model, max_slots=2, max_len=64)
+    assert runner.step_mode == "eager" and "no C++ compiler" in runner.native_unavailable
+    assert "native" not in runner.lm_head_path
+    runner.prefill(0, [[1, 2, 3]])
+    assert runner.decode([4]).shape == (1, VOCAB)
 
 
 def test_auto_falls_back_to_eager_for_a_model_the_native_step_does_not_cover() -> None:
