@@ -99,6 +99,19 @@ def test_native_step_follows_the_python_step(name: str, n: int) -> None:
         torch.testing.assert_close(kn, ke, atol=2e-5, rtol=1e-5, msg=f"cache tensor {i}")
 
 
+def test_a_slot_or_position_outside_the_cache_is_refused_not_written() -> None:
+    runner = prefilled(MODELS["llama-hd4"](), 2, "native")
+    h = torch.zeros(1, runner.model.config.hidden_size)
+    rope = torch.zeros(1, runner.head_dim)
+    step = runner._native.step
+    with pytest.raises(RuntimeError, match="slot 16 out of the cache"):
+        step(h, rope, rope, torch.tensor([16]), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="position 512 out of the cache"):
+        step(h, rope, rope, torch.tensor([0]), torch.tensor([512]))
+    with pytest.raises(RuntimeError, match="slot -1 out of the cache"):
+        step(h, rope, rope, torch.tensor([-1]), torch.tensor([3]))
+
+
 def test_native_row_is_bit_equal_alone_and_among_batch_mates() -> None:
     """A row's logits do not depend on which rows share its step or how long they are."""
     model = MODELS["qwen3-qk-norm"]()

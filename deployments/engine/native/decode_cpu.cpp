@@ -461,9 +461,16 @@ class Decoder {
     const Tensor c = cos.contiguous(), s = sin.contiguous();
     const Tensor sl = slots.contiguous(), ps = positions.contiguous();
     TORCH_CHECK(c.numel() == rows * head_dim_ && s.numel() == rows * head_dim_);
+    TORCH_CHECK(sl.numel() == rows && ps.numel() == rows, "one slot and position a row");
+    TORCH_CHECK(sl.scalar_type() == at::kLong && ps.scalar_type() == at::kLong);
+    // The kernels write the cache through raw pointers: an index past it would corrupt memory.
     const int64_t* pos = ps.data_ptr<int64_t>();
-    for (int64_t r = 0; r < rows; ++r)
+    const int64_t* slot = sl.data_ptr<int64_t>();
+    const int64_t cache_slots = layers_.empty() ? 0 : layers_[0].k_cache.size(0);
+    for (int64_t r = 0; r < rows; ++r) {
       TORCH_CHECK(pos[r] >= 0 && pos[r] < max_len_, "position ", pos[r], " out of the cache");
+      TORCH_CHECK(slot[r] >= 0 && slot[r] < cache_slots, "slot ", slot[r], " out of the cache");
+    }
     return int4_ ? run<bf16>(h, c, s, sl, ps) : run<float>(h, c, s, sl, ps);
   }
 
