@@ -21,11 +21,8 @@ from deployments.engine.native_step import (
     load_extension,
     narrowest_exact,
 )
+from tests.cpu.test_decode_step import LENGTHS, VOCAB, prefilled
 from tests.cpu.test_hf_parity import tiny_qwen3
-
-VOCAB = 256
-# Lengths across key buckets of the Python step (128, 256, 384): the native step has no buckets.
-LENGTHS = [5, 130, 127, 128, 3, 260, 40, 1, 9, 300, 126, 255, 256, 7, 8, 11]
 
 
 def tiny_decoder(family: str, **shape: int) -> nn.Module:
@@ -70,13 +67,6 @@ MODELS = {
 }
 
 
-def prefilled(model: nn.Module, n: int, mode: str) -> ModelRunner:
-    runner = ModelRunner(model, max_slots=16, max_len=512, decode_step=mode)
-    prompts = [[(3 * i + j) % VOCAB for j in range(length)] for i, length in enumerate(LENGTHS)]
-    runner.prefill(0, prompts[:n])
-    return runner
-
-
 def tokens(n: int, step: int) -> list[int]:
     return [(11 * i + 5 + 7 * step) % VOCAB for i in range(n)]
 
@@ -87,7 +77,8 @@ def test_native_step_follows_the_python_step(name: str, n: int) -> None:
     """Same logits up to summation order (fp32 throughout), step after step, so the keys and
     values the native step writes are the ones the Python step would have written."""
     model = MODELS[name]()
-    native, eager = prefilled(model, n, "native"), prefilled(model, n, "eager")
+    native = prefilled(model, n, decode_step="native")
+    eager = prefilled(model, n, decode_step="eager")
     assert native.step_mode == "native"
     for step in range(4):
         want, got = eager.decode(tokens(n, step)), native.decode(tokens(n, step))
@@ -100,7 +91,7 @@ def test_native_step_follows_the_python_step(name: str, n: int) -> None:
 
 
 def test_a_slot_or_position_outside_the_cache_is_refused_not_written() -> None:
-    runner = prefilled(MODELS["llama-hd4"](), 2, "native")
+    runner = prefilled(MODELS["llama-hd4"](), 2, decode_step="native")
     h = torch.zeros(1, runner.model.config.hidden_size)
     rope = torch.zeros(1, runner.head_dim)
     step = runner._native.step

@@ -91,6 +91,11 @@ inline float exp_approx(float x) {
   return y * scale;
 }
 
+// 1 / RMS of x (n values), the factor RMSNorm scales by.
+inline float rms_inverse(const float* x, int64_t n, float eps) {
+  return 1.f / std::sqrt(dot(x, x, static_cast<int>(n)) / n + eps);
+}
+
 // h[r] += delta[r] (+ bias), then out[r] = RMSNorm(h[r]) * w, cast to the next matmul's input.
 template <typename In, typename Out>
 void add_rms_norm(float* h, const In* delta, const float* bias, const float* w, Out* out,
@@ -102,7 +107,7 @@ void add_rms_norm(float* h, const In* delta, const float* bias, const float* w, 
       for (int64_t i = 0; i < width; ++i)
         x[i] = x[i] + (bias ? to_float(d[i]) + bias[i] : to_float(d[i]));
     }
-    const float inv = 1.f / std::sqrt(dot(x, x, static_cast<int>(width)) / width + eps);
+    const float inv = rms_inverse(x, width, eps);
     Out* o = out + r * width;
     for (int64_t i = 0; i < width; ++i) o[i] = from_float<Out>(x[i] * inv * w[i]);
   }
@@ -125,7 +130,7 @@ void silu_mul(const T* gate_up, const float* bias, T* out, int64_t rows, int64_t
 
 // x (head_dim) normed in place by RMSNorm with weight w.
 inline void head_rms_norm(float* x, const float* w, int hd, float eps) {
-  const float inv = 1.f / std::sqrt(dot(x, x, hd) / hd + eps);
+  const float inv = rms_inverse(x, hd, eps);
   for (int i = 0; i < hd; ++i) x[i] = x[i] * inv * w[i];
 }
 
@@ -526,7 +531,6 @@ class Decoder {
   bool int4_ = false;
   int64_t hidden_ = 0, q_heads_ = 0, kv_heads_ = 0, head_dim_ = 0, inter_ = 0, max_len_ = 0;
 };
-
 
 }  // namespace
 
