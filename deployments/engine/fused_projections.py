@@ -32,7 +32,8 @@ def _int4_cpu_ready(m: nn.Module) -> bool:
     if getattr(m, "linear_mode", None) is None:
         with torch.inference_mode():
             m(torch.zeros(1, m.in_features, dtype=torch.float32))
-    return getattr(m, "linear_mode", None) == "inference" and not getattr(m, "adapter", None)
+    ready = getattr(m, "linear_mode", None) == "inference" and not getattr(m, "adapter", None)
+    return ready and m.qweight.numel() > 0  # empty: repacked for the native kernel already
 
 
 def _concat_bias(modules: Sequence[nn.Module]) -> torch.Tensor | None:
@@ -50,7 +51,12 @@ def _concat_bias(modules: Sequence[nn.Module]) -> torch.Tensor | None:
 
 
 class _Int4CpuFused:
-    """Concatenated `_weight_int4pack_mm_for_cpu` weights (packed rows = output features)."""
+    """Concatenated `_weight_int4pack_mm_for_cpu` weights (packed rows = output features).
+
+    `kernel` (bf16 activations in, bf16 out) is ATen's until the runner swaps in a faster one
+    over the same weights (`native_step.use_native_int4`); every caller goes through it, so a
+    model's prefill and decode steps multiply alike.
+    """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         self.group_size = modules[0].group_size
@@ -58,16 +64,22 @@ class _Int4CpuFused:
         self.qweight = torch.cat([m.qweight for m in modules], 0)
         self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], 1).contiguous()
         self.bias = _concat_bias(modules)
+        self.kernel: Callable[[torch.Tensor], torch.Tensor] = self.aten
+        self.native: tuple[torch.Tensor, ...] = ()  # the native kernel's weights, once repacked
         start = 0
         for m, n in zip(modules, self.sizes, strict=True):
             m.qweight = self.qweight[start : start + n]  # a view: no second copy of the weights
+            m.awq_serve_fused = self  # a second runner on the model reuses this projection
             start += n
+
+    def aten(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.qweight, self.group_size, self.scales_and_zeros
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode steps pass 2-D
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros
-        ).to(x.dtype)
+        out = self.kernel(flat.to(torch.bfloat16)).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out if x.dim() == 2 else out.view(*x.shape[:-1], -1)
@@ -119,6 +131,10 @@ def fuse_projections(modules: Sequence[nn.Module], tile_rows: int | None = None)
     `tile_rows` makes dense matmuls batch-invariant (see `tiled`). The CPU int4 kernel needs no
     tiles: it computes each row alone (bit-equal for 1..1024 rows, measured).
     """
+    owners = {id(getattr(m, "awq_serve_fused", None)) for m in modules}
+    owner = getattr(modules[0], "awq_serve_fused", None)
+    if owner is not None and len(owners) == 1 and len(owner.sizes) == len(modules):
+        return owner  # fused (and maybe repacked) by an earlier runner over the same model
     if all(_int4_cpu_ready(m) for m in modules) and len({m.group_size for m in modules}) == 1:
         return _Int4CpuFused(modules)
     if all(type(m) is nn.Linear for m in modules):

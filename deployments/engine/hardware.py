@@ -48,9 +48,10 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
 
 
 def kernel_paths(
-    model: nn.Module, lm_head: str, batch_invariant: bool, decode_step: str
+    model: nn.Module, lm_head: str, batch_invariant: bool, decode_step: str, int4: str = ""
 ) -> dict[str, Any]:
-    """Linear kernel classes by count, the output projection's path, attention, invariance."""
+    """Linear kernel classes by count, the int4 matmul the engine runs (if any), the output
+    projection's path, attention, invariance."""
     linears = Counter(
         type(m).__name__
         for name, m in model.named_modules()
@@ -58,6 +59,7 @@ def kernel_paths(
     )
     return {
         "linear": dict(linears),
+        **({"int4": int4} if int4 else {}),
         "lm_head": lm_head,
         "attention": attention_path(model.device.type, decode_step),
         "batch_invariant": batch_invariant,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployments.engine.fused_projections import Projection, fuse_projections
+from deployments.engine.native_int4 import use_native_int4
 from deployments.engine.native_step import NativeUnavailable, exact_16bit_head, native_decoder
 from deployments.engine.prefix_cache import PrefixCache
 from quantization.compute import compute_dtype
@@ -455,12 +456,34 @@ class ModelRunner:
         layers = model.model.layers
         self.batch_invariant = batch_invariant
         fuse = partial(fuse_projections, tile_rows=QUERY_TILE if batch_invariant else None)
-        self.qkv: list[Projection] = [
-            fuse([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in layers
+        # Per layer, the modules each fused projection reads: qkv, o, gate_up, down.
+        groups = [
+            (
+                [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj],
+                [b.self_attn.o_proj],
+                [b.mlp.gate_proj, b.mlp.up_proj],
+                [b.mlp.down_proj],
+            )
+            for b in layers
         ]
-        self.o_proj: list[Projection] = [fuse([b.self_attn.o_proj]) for b in layers]
-        self.gate_up: list[Projection] = [fuse([b.mlp.gate_proj, b.mlp.up_proj]) for b in layers]
-        self.down: list[Projection] = [fuse([b.mlp.down_proj]) for b in layers]
+        fused = [[fuse(modules) for modules in layer] for layer in groups]
+        qkv, o_proj, gate_up, down = zip(*fused, strict=True)
+        self.qkv: list[Projection] = list(qkv)
+        self.o_proj: list[Projection] = list(o_proj)
+        self.gate_up: list[Projection] = list(gate_up)
+        self.down: list[Projection] = list(down)
+        # Which int4 kernel the projections run (empty for a model without int4 weights).
+        self.int4_kernel = (
+            use_native_int4(
+                [
+                    (p, modules)
+                    for ps, ms in zip(fused, groups, strict=True)
+                    for p, modules in zip(ps, ms, strict=True)
+                ]
+            )
+            if self.device.type == "cpu"
+            else ""
+        )
         # F.silu itself where the model's activation is SiLU: a module call per layer costs more
         # than the op at decode sizes.
         self.act = F.silu if cfg.hidden_act == "silu" else layers[0].mlp.act_fn

@@ -103,7 +103,8 @@ def _projection_tensors(p: Projection, ext: ModuleType) -> tuple[int, list[torch
     none = torch.empty(0)
     if isinstance(p, _Int4CpuFused):
         bias = none if p.bias is None else p.bias
-        return p.group_size, [p.qweight, p.scales_and_zeros, bias]
+        native = list(p.native) if p.native else []  # repacked by `native_int4`
+        return p.group_size, [p.qweight, p.scales_and_zeros, bias, *native]
     if isinstance(p, _DenseFused):
         if p.weight.dtype != torch.float32:
             raise NativeUnavailable(f"dense weights in {p.weight.dtype}, the native step: fp32")

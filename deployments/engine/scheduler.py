@@ -163,7 +163,11 @@ class Engine:
             "device": str(self.device),
             "cpu": cpu_features(),
             "kernels": kernel_paths(
-                self.model, self.runner.lm_head_path, cfg.batch_invariant, self.runner.step_mode
+                self.model,
+                self.runner.lm_head_path,
+                cfg.batch_invariant,
+                self.runner.step_mode,
+                self.runner.int4_kernel,
             ),
             "decode_step": self.runner.step_mode,
             **({"native_unavailable": r} if (r := self.runner.native_unavailable) else {}),

@@ -293,6 +293,10 @@ def test_health_reports_readiness_replicas_and_queue_depth(app, traffic) -> None
     assert model["hardware"]["decode_step"] == "native", model["hardware"]
     assert "native_unavailable" not in model["hardware"]
     assert model["hardware"]["kernels"]["lm_head"] == "native float16-stored, fp32 math"
+    # The int4 projections: the native kernel where the CPU has AVX512-BF16, ATen's otherwise.
+    bf16 = "avx512_bf16" in model["hardware"]["cpu"]["flags"]
+    int4 = model["hardware"]["kernels"]["int4"]
+    assert int4 == "native avx512-bf16" if bf16 else int4.startswith("aten ("), int4
 
 
 def test_json_logs_carry_the_request_id_from_router_to_replica(app, traffic) -> None:

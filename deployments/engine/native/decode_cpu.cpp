@@ -25,6 +25,8 @@
 #include <optional>
 #include <vector>
 
+#include "int4_bf16.h"
+
 namespace {
 
 using at::Tensor;
@@ -384,14 +386,17 @@ Tensor dense(const Tensor& x, const Tensor& packed, int64_t out, const Tensor& b
   return dense_padded(x, packed, out, pad_bias(bias, packed, out));
 }
 
-// A projection: the int4 kernel (bf16 in and out, bias left to the consumer) or the dense
-// kernel above (fp32 in and out, bias inside).
+// A projection: an int4 kernel (bf16 in and out, bias left to the consumer: the native
+// AVX512-BF16 one where the weights were repacked for it, else ATen's) or the dense kernel
+// above (fp32 in and out, bias inside).
 struct Projection {
   bool int4 = false;
-  Tensor weight, scales_and_zeros, bias;
+  Tensor weight, scales_and_zeros, bias, native_scale, native_zero;
   int64_t group_size = 0, out_features = 0;
 
   Tensor operator()(const Tensor& x) const {
+    if (native_scale.defined())
+      return int4_bf16::matmul(x, weight, native_scale, native_zero, out_features, group_size);
     if (int4) return at::_weight_int4pack_mm_for_cpu(x, weight, group_size, scales_and_zeros);
     return dense_padded(x, weight, out_features, bias);
   }
@@ -402,8 +407,8 @@ struct Projection {
   }
 };
 
-// parts: int4 -> (qweight, scales_and_zeros, bias or empty); dense -> (pack_dense weight,
-// bias or empty, out features as a one-element tensor).
+// parts: int4 -> (qweight, scales_and_zeros, bias or empty[, native packed, scale, zero]);
+// dense -> (pack_dense weight, bias or empty, out features as a one-element tensor).
 Projection make_projection(const std::vector<Tensor>& parts, int64_t group_size) {
   Projection p;
   p.int4 = group_size > 0;
@@ -411,7 +416,13 @@ Projection make_projection(const std::vector<Tensor>& parts, int64_t group_size)
   p.weight = parts.at(0);
   if (p.int4) {
     p.scales_and_zeros = parts.at(1);
+    p.out_features = p.scales_and_zeros.size(1);
     if (parts.at(2).numel()) p.bias = parts[2].to(at::kFloat).contiguous();
+    if (parts.size() == 6) {
+      p.weight = parts[3];
+      p.native_scale = parts[4];
+      p.native_zero = parts[5];
+    }
   } else {
     p.out_features = parts.at(2).item<int64_t>();
     p.bias = pad_bias(parts.at(1), p.weight, p.out_features);
@@ -541,4 +552,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("pack_dense", &pack_dense);
   m.def("dense", &dense, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.attr("int4_bf16_available") = int4_bf16::kAvailable;
+  m.def("int4_pack", &int4_bf16::pack);
+  m.def("int4_mm", &int4_bf16::matmul, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
