@@ -38,8 +38,8 @@ class NativeUnavailable(RuntimeError):
 
 
 def machine_tag() -> str:
-    """What a built extension depends on besides its source: the CPU's instruction set (it is
-    built with -march=native) and torch's version (its C++ ABI)."""
+    """What a built extension depends on: its sources, the CPU's instruction set (it is built
+    with -march=native) and torch's version (its C++ ABI)."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -48,7 +48,9 @@ def machine_tag() -> str:
                 break
     except OSError:  # not Linux: the build is still per machine, only not shareable
         pass
-    return hashlib.sha256(f"{flags}|{torch.__version__}".encode()).hexdigest()[:12]
+    # The sources too: torch rebuilds when the .cpp changes, but not for its headers.
+    sources = b"".join(f.read_bytes() for f in sorted(SOURCE.parent.iterdir()))
+    return hashlib.sha256(f"{flags}|{torch.__version__}".encode() + sources).hexdigest()[:12]
 
 
 def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
