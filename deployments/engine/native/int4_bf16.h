@@ -37,12 +37,13 @@ constexpr int kBlock = 16;       // outputs a block: one fp32 zmm
 constexpr bool kAvailable = true;
 
 // RT rows by NB output blocks: RT * NB independent fp32 sums, so that a single row still keeps
-// several dot-product chains in flight.
+// several dot-product chains in flight. The tile's activations are interleaved by row (pair j
+// of row r at xp[j * RT + r], group sums likewise), so one pointer and constant offsets reach
+// every row: 16 row pointers would not fit in the general registers.
 template <int RT, int NB>
 inline void tile(const uint8_t* w, int64_t block_bytes, const float* scale, const float* zero,
-                 int64_t block_groups, const uint32_t* xp, int64_t xp_stride, const float* xs,
-                 int64_t groups, int chunks, uint16_t* out, int64_t out_stride, int64_t n0,
-                 int64_t n) {
+                 int64_t groups, int chunks, const uint32_t* xp, const float* xs, uint16_t* out,
+                 int64_t out_stride, int64_t n0, int64_t n) {
   // bf16(q - 8) for q = 0..15, twice: vpermw reads 5 index bits, the fifth belongs to the
   // next nibble and must not matter.
   const __m512i signed_q = _mm512_set_epi16(
@@ -58,22 +59,24 @@ inline void tile(const uint8_t* w, int64_t block_bytes, const float* scale, cons
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
     for (int c = 0; c < chunks; ++c) {
       const int64_t chunk = g * chunks + c;
+      const uint32_t* xc = xp + chunk * 4 * RT;
       for (int b = 0; b < NB; ++b) {
         const __m512i d = _mm512_loadu_si512(w + b * block_bytes + chunk * 64);
         for (int s = 0; s < 4; ++s) {
           const __m512i q = _mm512_permutexvar_epi16(_mm512_srli_epi32(d, 4 * s), signed_q);
           for (int r = 0; r < RT; ++r) {
-            const __m512i x = _mm512_set1_epi32(static_cast<int>(xp[r * xp_stride + chunk * 4 + s]));
+            const __m512i x = _mm512_set1_epi32(static_cast<int>(xc[s * RT + r]));
             acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)q, (__m512bh)x);
           }
         }
       }
     }
     for (int b = 0; b < NB; ++b) {
-      const __m512 sc = _mm512_loadu_ps(scale + (b * block_groups + g) * kBlock);
-      const __m512 zc = _mm512_loadu_ps(zero + (b * block_groups + g) * kBlock);
+      const __m512 sc = _mm512_loadu_ps(scale + (b * groups + g) * kBlock);
+      const __m512 zc = _mm512_loadu_ps(zero + (b * groups + g) * kBlock);
       for (int r = 0; r < RT; ++r) {
-        const __m512 part = _mm512_fmadd_ps(sc, acc[r][b], _mm512_mul_ps(zc, _mm512_set1_ps(xs[r * groups + g])));
+        const __m512 sum_x = _mm512_set1_ps(xs[g * RT + r]);
+        const __m512 part = _mm512_fmadd_ps(sc, acc[r][b], _mm512_mul_ps(zc, sum_x));
         _mm512_store_ps(res[r][b], _mm512_add_ps(_mm512_load_ps(res[r][b]), part));
       }
     }
@@ -83,27 +86,27 @@ inline void tile(const uint8_t* w, int64_t block_bytes, const float* scale, cons
     const int64_t valid = std::min<int64_t>(kBlock, n - first);
     const __mmask16 mask = valid >= kBlock ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
     for (int r = 0; r < RT; ++r) {
-      const __m256i bits = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(res[r][b]));  // round to nearest even
+      const __m512 sums = _mm512_load_ps(res[r][b]);
+      const __m256i bits = (__m256i)_mm512_cvtneps_pbh(sums);  // round to nearest even
       _mm256_mask_storeu_epi16(out + r * out_stride + first, mask, bits);
     }
   }
 }
 
-// The rows [r0, r0 + RT) against output blocks [b0, b1), NB blocks at a time.
+// A tile's rows against output blocks [b0, b1), NB blocks at a time.
 template <int RT, int NB>
-inline void rows_against_blocks(const uint8_t* w, int64_t block_bytes, const float* scale,
+inline void tile_against_blocks(const uint8_t* w, int64_t block_bytes, const float* scale,
                                 const float* zero, int64_t groups, int chunks,
-                                const uint32_t* xp, int64_t xp_stride, const float* xs,
-                                uint16_t* out, int64_t n, int64_t b0, int64_t b1) {
+                                const uint32_t* xp, const float* xs, uint16_t* out, int64_t n,
+                                int64_t b0, int64_t b1) {
+  const int64_t per_block = groups * kBlock;  // scales (or zeros) a block
   int64_t b = b0;
   for (; b + NB <= b1; b += NB)
-    tile<RT, NB>(w + b * block_bytes, block_bytes, scale + b * groups * kBlock,
-                 zero + b * groups * kBlock, groups, xp, xp_stride, xs, groups, chunks, out, n,
-                 b * kBlock, n);
+    tile<RT, NB>(w + b * block_bytes, block_bytes, scale + b * per_block, zero + b * per_block,
+                 groups, chunks, xp, xs, out, n, b * kBlock, n);
   for (; b < b1; ++b)
-    tile<RT, 1>(w + b * block_bytes, block_bytes, scale + b * groups * kBlock,
-                zero + b * groups * kBlock, groups, xp, xp_stride, xs, groups, chunks, out, n,
-                b * kBlock, n);
+    tile<RT, 1>(w + b * block_bytes, block_bytes, scale + b * per_block, zero + b * per_block,
+                groups, chunks, xp, xs, out, n, b * kBlock, n);
 }
 #else
 constexpr bool kAvailable = false;
@@ -149,45 +152,66 @@ inline Tensor matmul(const Tensor& x_in, const Tensor& packed, const Tensor& sca
               "packed weights do not match x");
   Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
-  // Activations in the weights' pair order, and each group's sum of them.
+  // Row tiles of 16, then 8, 4, 2, 1 rows; fewer rows take more output blocks at a time.
+  std::vector<int64_t> tile_rows;
+  for (int64_t left = rows; left > 0;)
+    for (int64_t t : {16, 8, 4, 2, 1})
+      if (left >= t) {
+        tile_rows.push_back(t);
+        left -= t;
+        break;
+      }
+  // Activations in the weights' pair order, interleaved by row within a tile, and each
+  // group's sum of them.
   std::vector<uint32_t> xp(rows * k / 2);
   std::vector<float> xs(rows * groups);
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* src = xb + r * k;
-    uint32_t* dst = xp.data() + r * k / 2;
-    for (int64_t j = 0; j < k; j += 8)
-      for (int s = 0; s < 4; ++s)
-        dst[j / 2 + s] = src[j + s] | (static_cast<uint32_t>(src[j + s + 4]) << 16);
-    for (int64_t g = 0; g < groups; ++g) {
-      float sum = 0.f;
-      for (int64_t i = 0; i < group_size; ++i)
-        sum += static_cast<float>(c10::BFloat16(src[g * group_size + i], c10::BFloat16::from_bits()));
-      xs[r * groups + g] = sum;
+  for (int64_t r0 = 0, t = 0; r0 < rows; r0 += tile_rows[t++]) {
+    const int64_t rt = tile_rows[t];
+    for (int64_t r = 0; r < rt; ++r) {
+      const uint16_t* src = xb + (r0 + r) * k;
+      uint32_t* dst = xp.data() + r0 * k / 2 + r;
+      for (int64_t j = 0; j < k; j += 8)
+        for (int s = 0; s < 4; ++s)
+          dst[(j / 2 + s) * rt] = src[j + s] | (static_cast<uint32_t>(src[j + s + 4]) << 16);
+      for (int64_t g = 0; g < groups; ++g) {
+        float sum = 0.f;
+        for (int64_t i = 0; i < group_size; ++i)
+          sum += c10::BFloat16(src[g * group_size + i], c10::BFloat16::from_bits());
+        xs[r0 * groups + g * rt + r] = sum;
+      }
     }
   }
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float* sc = scale.data_ptr<float>();
   const float* zc = zero.data_ptr<float>();
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t block_bytes = kBlock * k / 2, xs_stride = k / 2;
+  const int64_t block_bytes = kBlock * k / 2;
   constexpr int64_t kUnit = 4;  // blocks a task: one 1-row tile's worth
   const int64_t units = (blocks + kUnit - 1) / kUnit;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     const int64_t b0 = begin * kUnit, b1 = std::min(blocks, end * kUnit);
-    int64_t r = 0;
-    auto run = [&](auto rt, auto nb) {
-      constexpr int RT = decltype(rt)::value, NB = decltype(nb)::value;
-      rows_against_blocks<RT, NB>(w, block_bytes, sc, zc, groups, chunks, xp.data() + r * xs_stride,
-                                  xs_stride, xs.data() + r * groups, o + r * n, n, b0, b1);
-      r += RT;
-    };
-    using std::integral_constant;
-    while (rows - r >= 16) run(integral_constant<int, 16>{}, integral_constant<int, 1>{});
-    if (rows - r >= 8) run(integral_constant<int, 8>{}, integral_constant<int, 2>{});
-    if (rows - r >= 4) run(integral_constant<int, 4>{}, integral_constant<int, 2>{});
-    if (rows - r >= 2) run(integral_constant<int, 2>{}, integral_constant<int, 4>{});
-    if (rows - r >= 1) run(integral_constant<int, 1>{}, integral_constant<int, 4>{});
+    for (int64_t r0 = 0, t = 0; r0 < rows; r0 += tile_rows[t++]) {
+      const uint32_t* xt = xp.data() + r0 * k / 2;
+      const float* st = xs.data() + r0 * groups;
+      uint16_t* ot = o + r0 * n;
+      switch (tile_rows[t]) {
+        case 16:
+          tile_against_blocks<16, 1>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
+          break;
+        case 8:
+          tile_against_blocks<8, 2>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
+          break;
+        case 4:
+          tile_against_blocks<4, 2>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
+          break;
+        case 2:
+          tile_against_blocks<2, 4>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
+          break;
+        default:
+          tile_against_blocks<1, 4>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
+      }
+    }
   });
   return out;
 #else
