@@ -53,7 +53,8 @@ def _concat_bias(modules: Sequence[nn.Module]) -> torch.Tensor | None:
 class _Int4CpuFused:
     """Concatenated `_weight_int4pack_mm_for_cpu` weights (packed rows = output features).
 
-    `kernel` (bf16 activations in, bf16 out) is ATen's until the runner swaps in a faster one
+    `kernel` (activations rounded to bf16 in, the bf16-rounded result out, in the input's
+    dtype) is ATen's until the runner swaps in a faster one
     over the same weights (`native_step.use_native_int4`); every caller goes through it, so a
     model's prefill and decode steps multiply alike.
     """
@@ -74,12 +75,12 @@ class _Int4CpuFused:
 
     def aten(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.qweight, self.group_size, self.scales_and_zeros
-        )
+            x.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros
+        ).to(x.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode steps pass 2-D
-        out = self.kernel(flat.to(torch.bfloat16)).to(x.dtype)
+        out = self.kernel(flat).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out if x.dim() == 2 else out.view(*x.shape[:-1], -1)

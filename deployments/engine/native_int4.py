@@ -70,7 +70,7 @@ def _module_forward(
     ext: ModuleType, packed: tuple, n: int, group_size: int, x: torch.Tensor
 ) -> torch.Tensor:
     """gptqmodel's `_fused_op_forward` contract: x in any float dtype, out in x's dtype."""
-    return ext.int4_mm(x.to(torch.bfloat16), *packed, n, group_size).to(x.dtype)
+    return ext.int4_mm(x.contiguous(), *packed, n, group_size).to(x.dtype)
 
 
 def _rows(packed: tuple, start: int, n: int) -> tuple:

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace int4_bf16 {
@@ -40,9 +41,9 @@ constexpr bool kAvailable = true;
 // several dot-product chains in flight. The tile's activations are interleaved by row (pair j
 // of row r at xp[j * RT + r], group sums likewise), so one pointer and constant offsets reach
 // every row: 16 row pointers would not fit in the general registers.
-template <int RT, int NB>
+template <int RT, int NB, typename Out>
 inline void tile(const uint8_t* w, int64_t block_bytes, const float* scale, const float* zero,
-                 int64_t groups, int chunks, const uint32_t* xp, const float* xs, uint16_t* out,
+                 int64_t groups, int chunks, const uint32_t* xp, const float* xs, Out* out,
                  int64_t out_stride, int64_t n0, int64_t n) {
   // bf16(q - 8) for q = 0..15, twice: vpermw reads 5 index bits, the fifth belongs to the
   // next nibble and must not matter.
@@ -88,16 +89,21 @@ inline void tile(const uint8_t* w, int64_t block_bytes, const float* scale, cons
     for (int r = 0; r < RT; ++r) {
       const __m512 sums = _mm512_load_ps(res[r][b]);
       const __m256i bits = (__m256i)_mm512_cvtneps_pbh(sums);  // round to nearest even
-      _mm256_mask_storeu_epi16(out + r * out_stride + first, mask, bits);
+      if constexpr (std::is_same_v<Out, float>) {  // the bf16 value, widened (exact)
+        const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+        _mm512_mask_storeu_ps(out + r * out_stride + first, mask, _mm512_castsi512_ps(wide));
+      } else {
+        _mm256_mask_storeu_epi16(out + r * out_stride + first, mask, bits);
+      }
     }
   }
 }
 
 // A tile's rows against output blocks [b0, b1), NB blocks at a time.
-template <int RT, int NB>
+template <int RT, int NB, typename Out>
 inline void tile_against_blocks(const uint8_t* w, int64_t block_bytes, const float* scale,
                                 const float* zero, int64_t groups, int chunks,
-                                const uint32_t* xp, const float* xs, uint16_t* out, int64_t n,
+                                const uint32_t* xp, const float* xs, Out* out, int64_t n,
                                 int64_t b0, int64_t b1) {
   const int64_t per_block = groups * kBlock;  // scales (or zeros) a block
   int64_t b = b0;
@@ -107,6 +113,25 @@ inline void tile_against_blocks(const uint8_t* w, int64_t block_bytes, const flo
   for (; b < b1; ++b)
     tile<RT, 1>(w + b * block_bytes, block_bytes, scale + b * per_block, zero + b * per_block,
                 groups, chunks, xp, xs, out, n, b * kBlock, n);
+}
+
+// Row r of a tile of `rt` rows starting at xp / xs: the bf16 activations (rounded to nearest
+// even, as .to(bf16) does, where x is fp32) in the weights' pair order, and each group's sum.
+template <typename In>
+inline void prepare_row(const In* src, int64_t k, int64_t group_size, int64_t rt, int64_t r,
+                        uint32_t* xp, float* xs) {
+  auto bits = [&](int64_t i) -> uint32_t {
+    if constexpr (std::is_same_v<In, float>) return c10::BFloat16(src[i]).x;
+    else return src[i];
+  };
+  for (int64_t j = 0; j < k; j += 8)
+    for (int s = 0; s < 4; ++s) xp[(j / 2 + s) * rt + r] = bits(j + s) | (bits(j + s + 4) << 16);
+  for (int64_t g = 0; g * group_size < k; ++g) {
+    float sum = 0.f;
+    for (int64_t i = g * group_size; i < (g + 1) * group_size; ++i)
+      sum += c10::BFloat16(static_cast<uint16_t>(bits(i)), c10::BFloat16::from_bits());
+    xs[g * rt + r] = sum;
+  }
 }
 #else
 constexpr bool kAvailable = false;
@@ -139,80 +164,93 @@ inline std::vector<Tensor> pack(const Tensor& q, const Tensor& scales_and_zeros,
   return {dwords.view(at::kByte), per_block(s), per_block(z)};
 }
 
-// x (rows, K) bf16 -> (rows, N) bf16.
+// x (rows, K) bf16 or fp32 -> (rows, N) in x's dtype; an fp32 result holds the bf16-rounded
+// value, exactly what a bf16 result converted to fp32 would (so callers in fp32 skip two casts).
 inline Tensor matmul(const Tensor& x_in, const Tensor& packed, const Tensor& scale,
                      const Tensor& zero, int64_t n, int64_t group_size) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  const Tensor x = x_in.to(at::kBFloat16).contiguous();
+  const bool fp32 = x_in.scalar_type() == at::kFloat;
+  const Tensor x = fp32 ? x_in.contiguous() : x_in.to(at::kBFloat16).contiguous();
   TORCH_CHECK(x.dim() == 2, "x: (rows, K)");
   const int64_t rows = x.size(0), k = x.size(1);
   const int64_t groups = k / group_size, blocks = (n + kBlock - 1) / kBlock;
   const int chunks = static_cast<int>(group_size / 8);
-  TORCH_CHECK(k % group_size == 0 && packed.numel() == blocks * kBlock * k / 2,
+  TORCH_CHECK(group_size % 8 == 0 && k % group_size == 0 &&
+                  packed.numel() == blocks * kBlock * k / 2,
               "packed weights do not match x");
   Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
   // Row tiles of 16, then 8, 4, 2, 1 rows; fewer rows take more output blocks at a time.
-  std::vector<int64_t> tile_rows;
-  for (int64_t left = rows; left > 0;)
+  std::vector<int64_t> tile_first, tile_rows;
+  for (int64_t r0 = 0; r0 < rows;)
     for (int64_t t : {16, 8, 4, 2, 1})
-      if (left >= t) {
+      if (rows - r0 >= t) {
+        tile_first.push_back(r0);
         tile_rows.push_back(t);
-        left -= t;
+        r0 += t;
         break;
       }
-  // Activations in the weights' pair order, interleaved by row within a tile, and each
-  // group's sum of them.
+  const int64_t tiles = static_cast<int64_t>(tile_rows.size());
+  // Activations interleaved by row within a tile (see `tile`), and their group sums.
   std::vector<uint32_t> xp(rows * k / 2);
   std::vector<float> xs(rows * groups);
-  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t r0 = 0, t = 0; r0 < rows; r0 += tile_rows[t++]) {
-    const int64_t rt = tile_rows[t];
-    for (int64_t r = 0; r < rt; ++r) {
-      const uint16_t* src = xb + (r0 + r) * k;
-      uint32_t* dst = xp.data() + r0 * k / 2 + r;
-      for (int64_t j = 0; j < k; j += 8)
-        for (int s = 0; s < 4; ++s)
-          dst[(j / 2 + s) * rt] = src[j + s] | (static_cast<uint32_t>(src[j + s + 4]) << 16);
-      for (int64_t g = 0; g < groups; ++g) {
-        float sum = 0.f;
-        for (int64_t i = 0; i < group_size; ++i)
-          sum += c10::BFloat16(src[g * group_size + i], c10::BFloat16::from_bits());
-        xs[r0 * groups + g * rt + r] = sum;
-      }
-    }
-  }
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const float* sc = scale.data_ptr<float>();
-  const float* zc = zero.data_ptr<float>();
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t block_bytes = kBlock * k / 2;
-  constexpr int64_t kUnit = 4;  // blocks a task: one 1-row tile's worth
-  const int64_t units = (blocks + kUnit - 1) / kUnit;
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    const int64_t b0 = begin * kUnit, b1 = std::min(blocks, end * kUnit);
-    for (int64_t r0 = 0, t = 0; r0 < rows; r0 += tile_rows[t++]) {
-      const uint32_t* xt = xp.data() + r0 * k / 2;
-      const float* st = xs.data() + r0 * groups;
-      uint16_t* ot = o + r0 * n;
-      switch (tile_rows[t]) {
-        case 16:
-          tile_against_blocks<16, 1>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
-          break;
-        case 8:
-          tile_against_blocks<8, 2>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
-          break;
-        case 4:
-          tile_against_blocks<4, 2>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
-          break;
-        case 2:
-          tile_against_blocks<2, 4>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
-          break;
-        default:
-          tile_against_blocks<1, 4>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0, b1);
+  const int64_t prep_grain = rows * k < (1 << 16) ? tiles : 1;  // small calls: no thread wake-up
+  at::parallel_for(0, tiles, prep_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = tile_first[t], rt = tile_rows[t];
+      for (int64_t r = 0; r < rt; ++r) {
+        uint32_t* p = xp.data() + r0 * k / 2;
+        float* s = xs.data() + r0 * groups;
+        if (fp32)
+          prepare_row(x.data_ptr<float>() + (r0 + r) * k, k, group_size, rt, r, p, s);
+        else
+          prepare_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) +
+                          (r0 + r) * k, k, group_size, rt, r, p, s);
       }
     }
   });
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const float* sc = scale.data_ptr<float>();
+  const float* zc = zero.data_ptr<float>();
+  const int64_t block_bytes = kBlock * k / 2;
+  constexpr int64_t kUnit = 4;  // blocks a task: one 1-row tile's worth
+  const int64_t units = (blocks + kUnit - 1) / kUnit;
+  auto run = [&](auto* o) {
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      const int64_t b0 = begin * kUnit, b1 = std::min(blocks, end * kUnit);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t r0 = tile_first[t];
+        const uint32_t* xt = xp.data() + r0 * k / 2;
+        const float* st = xs.data() + r0 * groups;
+        auto* ot = o + r0 * n;
+        switch (tile_rows[t]) {
+          case 16:
+            tile_against_blocks<16, 1>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n,
+                                       b0, b1);
+            break;
+          case 8:
+            tile_against_blocks<8, 2>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0,
+                                      b1);
+            break;
+          case 4:
+            tile_against_blocks<4, 2>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0,
+                                      b1);
+            break;
+          case 2:
+            tile_against_blocks<2, 4>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0,
+                                      b1);
+            break;
+          default:
+            tile_against_blocks<1, 4>(w, block_bytes, sc, zc, groups, chunks, xt, st, ot, n, b0,
+                                      b1);
+        }
+      }
+    });
+  };
+  if (fp32)
+    run(out.data_ptr<float>());
+  else
+    run(reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   return out;
 #else
   TORCH_CHECK(false, "the bf16 int4 kernel needs AVX512-BF16");
