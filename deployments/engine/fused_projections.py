@@ -54,9 +54,9 @@ class _Int4CpuFused:
     """Concatenated `_weight_int4pack_mm_for_cpu` weights (packed rows = output features).
 
     `kernel` (activations rounded to bf16 in, the bf16-rounded result out, in the input's
-    dtype) is ATen's until the runner swaps in a faster one
-    over the same weights (`native_step.use_native_int4`); every caller goes through it, so a
-    model's prefill and decode steps multiply alike.
+    dtype) is ATen's until the runner swaps in a faster one over the same weights
+    (`native_int4.use_native_int4`); every caller goes through it, so a model's prefill and
+    decode steps multiply alike.
     """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:

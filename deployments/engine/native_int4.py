@@ -3,8 +3,8 @@
 ATen's int4 kernel dequantizes every weight to fp32 before multiplying; the native one feeds
 the nibbles to `vdpbf16ps` as exact bf16 integers and applies a group's scale and zero once to
 the group's sums. Same bf16 activations in, same bf16 rounding out: a projection's outputs
-differ from ATen's only in the fp32 summation order (one bf16 ulp on ~0.01-0.02% of outputs,
-both within 0.55 ulp of float64). Per call it is 2-3x faster at one row and 1.5-2.3x at 16
+differ from ATen's only in the fp32 summation order (one bf16 ulp on 0-0.2% of outputs, both
+within 0.55 ulp of float64). Per call it is 1.5-2.7x faster at one row and 1.4-2.4x at 16
 (demo shapes, `python -m benchmarks.int4_kernel`).
 
 The weights are repacked once at start-up from ATen's packed layout, which is read back
@@ -116,7 +116,7 @@ def use_native_int4(fused: Sequence[tuple[Projection, Sequence[nn.Module]]]) -> 
         if any(size % 16 for p, _ in int4 for size in p.sizes):
             raise NativeUnavailable("output features not a multiple of 16")
         packs = [repack(p, ext) for p, _ in int4]  # all or none: a failure leaves ATen's
-    except NativeUnavailable as e:
+    except (NativeUnavailable, RuntimeError) as e:  # RuntimeError: a shape the packer refuses
         log.info("int4 projections stay on ATen's kernel: %s", e)
         return f"{ATEN} ({e})"
     for (p, modules), packed in zip(int4, packs, strict=True):

@@ -176,8 +176,12 @@ inline Tensor matmul(const Tensor& x_in, const Tensor& packed, const Tensor& sca
   const int64_t groups = k / group_size, blocks = (n + kBlock - 1) / kBlock;
   const int chunks = static_cast<int>(group_size / 8);
   TORCH_CHECK(group_size % 8 == 0 && k % group_size == 0 &&
-                  packed.numel() == blocks * kBlock * k / 2,
+                  packed.numel() == blocks * kBlock * k / 2 && packed.is_contiguous(),
               "packed weights do not match x");
+  for (const Tensor* t : {&scale, &zero})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->numel() == blocks * groups * kBlock,
+                "scales and zeros do not match the packed weights");
   Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
   // Row tiles of 16, then 8, 4, 2, 1 rows; fewer rows take more output blocks at a time.
