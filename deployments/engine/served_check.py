@@ -4,10 +4,12 @@ The quality gate scores transformers' plain forward; replicas run `ModelRunner` 
 gate/up projections, the prepacked output projection, the slot KV cache, packed and chunked
 prefill, prefix-cache hits, decode) behind the chat template. This loads the candidate exactly as a
 replica does and compares the runner's next-token distributions with transformers' forward of the
-same loaded weights, position by position, so a runner bug blocks publication instead of reaching
-users. It also asks a few chat questions: the greedy served answer must keep the key fact the FP16
-model states. The quantization pipeline receives an `EngineServedCheck` by injection
-(`quantization.served.ServedPathCheck`); it never imports this package.
+same artifact, position by position, so a runner bug blocks publication instead of reaching users.
+The reference is the artifact loaded a second time, so a kernel the runner swaps in (the native
+int4 one) is checked against transformers' own. It also asks a few chat questions: the greedy
+served answer must keep the key fact the FP16 model states. The quantization pipeline receives
+an `EngineServedCheck` by injection (`quantization.served.ServedPathCheck`); it never imports
+this package.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deployments.engine import fused_projections, model_runner, prefix_cache, prompts
+from deployments.engine import (
+    fused_projections,
+    model_runner,
+    native_int4,
+    native_step,
+    prefix_cache,
+    prompts,
+)
 from deployments.engine.model_runner import ModelRunner, load_model
 from deployments.engine.prompts import chat_prompt_ids
 from quantization.compute import pick_device
@@ -73,8 +82,11 @@ class _Scores:
 def _source_digest() -> str:
     """The engine code the check exercises: a change to it invalidates cached results."""
     digest = hashlib.sha256()
-    for module in (model_runner, fused_projections, prefix_cache, prompts):
+    modules = (model_runner, fused_projections, native_int4, native_step, prefix_cache, prompts)
+    for module in modules:
         digest.update(Path(module.__file__).read_bytes())
+    for source in sorted(native_step.SOURCE.parent.iterdir()):  # the C++ step and kernels
+        digest.update(source.read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -107,12 +119,15 @@ class EngineServedCheck:
     ) -> ServedCheckResult:
         device = pick_device(self.device)
         model, tokenizer = load_model(candidate_dir, device)  # exactly what a replica loads
+        # The reference is a second load: a runner may rewire the modules it serves (the native
+        # int4 kernel does), and the served path must be held to transformers' own kernels.
+        reference, _ = load_model(candidate_dir, device)
         runner = self.runner_factory(
             model, self.max_slots, self.max_len, prefix_cache_mb=self.prefix_cache_mb
         )
         scores = _Scores()
-        self._prefill_and_decode(runner, model, prompts, scores)
-        self._prefix_hit_and_chunked(runner, model, prompts, scores)
+        self._prefill_and_decode(runner, reference, prompts, scores)
+        self._prefix_hit_and_chunked(runner, reference, prompts, scores)
         answers = self._chat(runner, tokenizer, reference_dir, chat)
         engine = f"ModelRunner on {device.type}, {type(runner).__name__}"
         return scores.result(answers, engine)

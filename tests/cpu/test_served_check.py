@@ -41,6 +41,18 @@ class WrongRopeInPrefill(ModelRunner):
             del rotary.forward
 
 
+class WrongInt4Weights(ModelRunner):
+    """A repacking bug: some nibbles of every gate/up projection flipped in the weights the
+    runner multiplies by (the native kernel's repack, or ATen's where that kernel runs). The
+    model's own modules read the same weights, so only a reference loaded on its own sees it."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        for p in self.gate_up:
+            weights = p.native[0] if p.native else p.qweight
+            weights.view(torch.uint8)[::64] ^= 0x11
+
+
 def _run(check: EngineServedCheck, fp_dir: Path, awq_dir: Path) -> ServedCheckResult:
     data = steps.served_path_check(fp_dir, awq_dir, RECIPE, check)
     return ServedCheckResult.from_dict(data)
@@ -90,3 +102,13 @@ def test_quantization_package_never_imports_deployments() -> None:
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "deployments"]
     assert offenders == []
+
+
+def test_wrong_int4_weights_in_the_runner_are_blocked_by_the_gate(
+    served: ServedCheckResult, demo_fp16_dir: Path, demo_awq_dir: Path
+) -> None:
+    buggy = _run(EngineServedCheck(runner_factory=WrongInt4Weights), demo_fp16_dir, demo_awq_dir)
+    assert buggy.kl_by_path["packed_prefill"] > 10 * served.kl_by_path["packed_prefill"]
+    verdict = gate(RECIPE.gate, DEMO_QUALITIES, buggy)
+    assert not verdict.passed
+    assert any("served path KL vs transformers" in r for r in verdict.reasons)
