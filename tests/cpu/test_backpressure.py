@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +97,14 @@ def test_client_disconnect_stops_generation_within_seconds(base_url: str, audit:
             if i % 8 == 0 and running(base_url) == 1:
                 seen_running = True
                 break
+    disconnected = time.time()
     assert seen_running, "the stream never showed as running"
-    # The disconnect ended it (499), before the app's deadline would have (504). The detail
-    # lags by its poll period, so it only shows the slot freed afterwards.
+    # The disconnect ended it (499), not the app's deadline (504), and within seconds of the
+    # disconnect: the audit line is written when the request ends. (How long the client read
+    # first depends on the detail's poll period, so the request's own latency says nothing.)
     wait_until(lambda: audit_records(audit).get(request_id) is not None, 30, "the audit line")
     record = audit_records(audit).get(request_id)
     assert record["status"] == 499, record
-    assert record["latency_ms"] < DEADLINE_S * 1000, record
+    ended = datetime.fromisoformat(record["time"]).timestamp()
+    assert ended - disconnected < 5, (ended - disconnected, record)
     wait_idle(base_url)
