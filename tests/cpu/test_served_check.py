@@ -80,11 +80,20 @@ def test_engine_matches_transformers_on_every_path_and_keeps_paris(
     assert gate(RECIPE.gate, DEMO_QUALITIES, served).passed
 
 
-def test_wrong_rotary_position_in_prefill_is_blocked_by_the_gate(
-    served: ServedCheckResult, demo_fp16_dir: Path, demo_awq_dir: Path
+@pytest.mark.parametrize(
+    ("bug", "path", "factor"),
+    [(WrongRopeInPrefill, "decode", 100), (WrongInt4Weights, "packed_prefill", 10)],
+)
+def test_a_runner_bug_is_blocked_by_the_gate(
+    served: ServedCheckResult,
+    demo_fp16_dir: Path,
+    demo_awq_dir: Path,
+    bug: type[ModelRunner],
+    path: str,
+    factor: float,
 ) -> None:
-    buggy = _run(EngineServedCheck(runner_factory=WrongRopeInPrefill), demo_fp16_dir, demo_awq_dir)
-    assert buggy.kl_by_path["decode"] > 100 * served.kl_by_path["decode"]
+    buggy = _run(EngineServedCheck(runner_factory=bug), demo_fp16_dir, demo_awq_dir)
+    assert buggy.kl_by_path[path] > factor * served.kl_by_path[path]
     verdict = gate(RECIPE.gate, DEMO_QUALITIES, buggy)
     assert not verdict.passed
     assert any("served path KL vs transformers" in r for r in verdict.reasons)
@@ -102,13 +111,3 @@ def test_quantization_package_never_imports_deployments() -> None:
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "deployments"]
     assert offenders == []
-
-
-def test_wrong_int4_weights_in_the_runner_are_blocked_by_the_gate(
-    served: ServedCheckResult, demo_fp16_dir: Path, demo_awq_dir: Path
-) -> None:
-    buggy = _run(EngineServedCheck(runner_factory=WrongInt4Weights), demo_fp16_dir, demo_awq_dir)
-    assert buggy.kl_by_path["packed_prefill"] > 10 * served.kl_by_path["packed_prefill"]
-    verdict = gate(RECIPE.gate, DEMO_QUALITIES, buggy)
-    assert not verdict.passed
-    assert any("served path KL vs transformers" in r for r in verdict.reasons)
