@@ -60,16 +60,11 @@ def read_nibbles(p: _Int4CpuFused) -> torch.Tensor:
     raise NativeUnavailable("ATen's int4 packed layout was not recognised")
 
 
-def _matmul(
+def _native_matmul(
     ext: ModuleType, packed: tuple, n: int, group_size: int, x: torch.Tensor
 ) -> torch.Tensor:
-    return ext.int4_mm(x, *packed, n, group_size)
-
-
-def _module_forward(
-    ext: ModuleType, packed: tuple, n: int, group_size: int, x: torch.Tensor
-) -> torch.Tensor:
-    """gptqmodel's `_fused_op_forward` contract: x in any float dtype, out in x's dtype."""
+    """x in any float dtype, out in x's dtype: both `_Int4CpuFused.kernel`'s contract and
+    gptqmodel's `_fused_op_forward`'s."""
     return ext.int4_mm(x.contiguous(), *packed, n, group_size).to(x.dtype)
 
 
@@ -89,11 +84,11 @@ def repack(p: _Int4CpuFused, ext: ModuleType) -> tuple:
 def switch(p: _Int4CpuFused, modules: Sequence[nn.Module], packed: tuple, ext: ModuleType) -> None:
     """Point `p` and the modules it fused at the repacked weights; release ATen's."""
     p.native = packed
-    p.kernel = partial(_matmul, ext, packed, p.scales_and_zeros.shape[1], p.group_size)
+    p.kernel = partial(_native_matmul, ext, packed, p.scales_and_zeros.shape[1], p.group_size)
     start = 0
     for m, size in zip(modules, p.sizes, strict=True):
         m._fused_op_forward = partial(
-            _module_forward, ext, _rows(packed, start, size), size, p.group_size
+            _native_matmul, ext, _rows(packed, start, size), size, p.group_size
         )
         m.qweight = torch.empty(0, dtype=torch.uint8)
         start += size
